@@ -1,0 +1,256 @@
+"""`LingConfig`: the Ling 2.0 (BailingMoeV2) hyper-parameters under their Hugging Face names.
+
+Field names are exactly the keys of a released `config.json`, so a config read from a checkpoint
+and written back is the same file. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+MODEL_TYPES = ("bailing_moe", "bailing_moe_v2")
+ARCHITECTURE = "BailingMoeV2ForCausalLM"
+ROPE_TYPES = ("default", "yarn")
+YARN_KEYS = {
+    "type",
+    "rope_type",
+    "factor",
+    "original_max_position_embeddings",
+    "attention_factor",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "truncate",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a working Ling model."""
+
+
+@dataclass
+class LingConfig:
+    vocab_size: int = 157184
+    hidden_size: int = 2048
+    intermediate_size: int = 5120
+    moe_intermediate_size: int = 512
+    moe_shared_expert_intermediate_size: int | None = None
+    num_hidden_layers: int = 20
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 4
+    head_dim: int = 128
+    num_experts: int = 256
+    num_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    first_k_dense_replace: int = 1
+    routed_scaling_factor: float = 2.5
+    score_function: str = "sigmoid"
+    norm_topk_prob: bool = True
+    router_dtype: str = "fp32"
+    moe_router_enable_expert_bias: bool = True
+    use_qk_norm: bool = True
+    use_qkv_bias: bool = False
+    use_bias: bool = False
+    partial_rotary_factor: float | None = 0.5
+    rotary_dim: int | None = None
+    rope_theta: float = 600000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    num_nextn_predict_layers: int = 0
+    mtp_loss_scaling_factor: float = 0.0
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = 156892
+    eos_token_id: int | None = 156892
+    initializer_range: float = 0.02
+    embedding_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    output_dropout: float = 0.0
+    use_rmsnorm: bool = True
+    torch_dtype: str = "bfloat16"
+    model_type: str = "bailing_moe"
+    # Router regularisers (Megatron's `--moe-z-loss-coeff`, DeepSeek-V3's sequence-wise balance
+    # loss). Not part of the released configs; zero means the term is not computed.
+    router_z_loss_coeff: float = 0.0
+    seq_aux_loss_coeff: float = 0.0
+    # Keys of a loaded config.json that this class does not model (auto_map, ...), written back.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived shapes -------------------------------------------------------------------
+    @property
+    def rope_dim(self) -> int:
+        """Channels of each head that RoPE rotates (the rest pass through unchanged)."""
+        if self.partial_rotary_factor is not None:
+            return int(self.head_dim * self.partial_rotary_factor)
+        if self.rotary_dim is not None:
+            return self.rotary_dim
+        return self.head_dim
+
+    @property
+    def shared_expert_intermediate_size(self) -> int:
+        if self.moe_shared_expert_intermediate_size is not None:
+            return self.moe_shared_expert_intermediate_size
+        return self.moe_intermediate_size * self.num_shared_experts
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx >= self.first_k_dense_replace
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    # ---- validation -----------------------------------------------------------------------
+    def validate(self) -> None:
+        positive = (
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "num_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
+        )  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name}={value!r} must be a positive integer.")
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type={self.model_type!r} is not a Ling 2.0 model; expected one of {MODEL_TYPES}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads} for grouped-query attention."
+            )
+        rope_dim = self.rope_dim
+        if rope_dim <= 0 or rope_dim > self.head_dim or rope_dim % 2:
+            raise ConfigError(
+                f"the rotary dimension {rope_dim} (from partial_rotary_factor={self.partial_rotary_factor}, "
+                f"rotary_dim={self.rotary_dim}) must be even and within 1..head_dim={self.head_dim}."
+            )
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            raise ConfigError(
+                f"first_k_dense_replace={self.first_k_dense_replace} must be between 0 and "
+                f"num_hidden_layers={self.num_hidden_layers}."
+            )
+        if self.num_experts % self.n_group:
+            raise ConfigError(f"num_experts={self.num_experts} must be divisible by n_group={self.n_group}.")
+        if self.topk_group > self.n_group:
+            raise ConfigError(f"topk_group={self.topk_group} must not exceed n_group={self.n_group}.")
+        per_group = self.num_experts // self.n_group
+        if self.n_group > 1 and per_group < 2:
+            raise ConfigError(
+                f"each of the n_group={self.n_group} groups needs at least 2 experts (the group score sums its "
+                f"top 2), but num_experts={self.num_experts} gives {per_group}."
+            )
+        if self.num_experts_per_tok > self.topk_group * per_group:
+            raise ConfigError(
+                f"num_experts_per_tok={self.num_experts_per_tok} cannot be chosen from topk_group={self.topk_group} "
+                f"groups of {per_group} experts; use at most {self.topk_group * per_group}."
+            )
+        if self.score_function != "sigmoid":
+            raise ConfigError(f"score_function={self.score_function!r} is not supported; Ling 2.0 uses 'sigmoid'.")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported; Ling 2.0 uses 'silu'.")
+        if self.use_qkv_bias or self.use_bias:
+            raise ConfigError("use_qkv_bias and use_bias must be false: Ling 2.0 linears have no bias.")
+        if self.tie_word_embeddings:
+            raise ConfigError("tie_word_embeddings must be false: Ling 2.0 has an untied output head.")
+        if self.num_nextn_predict_layers < 0:
+            raise ConfigError(f"num_nextn_predict_layers={self.num_nextn_predict_layers} must be 0 or more.")
+        if self.num_shared_experts < 0:
+            raise ConfigError(f"num_shared_experts={self.num_shared_experts} must be 0 or more.")
+        for name in ("pad_token_id", "eos_token_id"):
+            token = getattr(self, name)
+            if token is not None and not 0 <= token < self.vocab_size:
+                raise ConfigError(f"{name}={token} is outside the vocabulary 0..{self.vocab_size - 1}.")
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        if self.rope_scaling is None:
+            return
+        if not isinstance(self.rope_scaling, dict):
+            raise ConfigError(f"rope_scaling={self.rope_scaling!r} must be null or a mapping.")
+        rope_type = self.rope_type
+        if rope_type not in ROPE_TYPES:
+            raise ConfigError(f"rope_scaling type {rope_type!r} is not supported; use one of {ROPE_TYPES}.")
+        if rope_type == "default":
+            return
+        unknown = set(self.rope_scaling) - YARN_KEYS
+        if unknown:
+            raise ConfigError(f"rope_scaling has unknown keys {sorted(unknown)}; YaRN accepts {sorted(YARN_KEYS)}.")
+        factor = self.rope_scaling.get("factor")
+        if not isinstance(factor, (int, float)) or factor < 1:
+            raise ConfigError(f"rope_scaling factor={factor!r} must be a number >= 1 for YaRN.")
+        original = self.rope_scaling.get("original_max_position_embeddings", self.max_position_embeddings)
+        if not isinstance(original, int) or original <= 0:
+            raise ConfigError(f"rope_scaling original_max_position_embeddings={original!r} must be a positive integer.")
+
+    # ---- Hugging Face config.json ---------------------------------------------------------
+    @classmethod
+    def from_hf(cls, data: dict[str, Any]) -> "LingConfig":
+        data = dict(data)
+        architectures = data.pop("architectures", None)
+        if architectures and architectures[0] != ARCHITECTURE:
+            raise ConfigError(f"architectures={architectures} is not a Ling 2.0 checkpoint; expected {[ARCHITECTURE]}.")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        # The released Ling-1T config states partial RoPE as `rotary_dim`; mini/flash use
+        # `partial_rotary_factor`. Absent from a config means neither was given.
+        if "partial_rotary_factor" not in data:
+            kwargs["partial_rotary_factor"] = None if "rotary_dim" in data else 1.0
+        kwargs.setdefault("mtp_loss_scaling_factor", 0.0)
+        # A few configs store head_dim as null meaning hidden/heads.
+        if kwargs.get("head_dim") is None:
+            kwargs["head_dim"] = data.get("hidden_size", cls.hidden_size) // data.get(
+                "num_attention_heads", cls.num_attention_heads
+            )
+        return cls(**kwargs, extra=extra)
+
+    def to_hf(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"architectures": [ARCHITECTURE]}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if f.name in ("partial_rotary_factor", "rotary_dim", "moe_shared_expert_intermediate_size") and value is None:
+                continue
+            if f.name in ("router_z_loss_coeff", "seq_aux_loss_coeff") and value == 0.0:
+                continue
+            out[f.name] = value
+        out.update({k: v for k, v in self.extra.items() if k not in out and k != "quantization_config"})
+        return out
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "LingConfig":
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"no config.json at {os.fspath(path)!r}; a Ling checkpoint folder needs one.") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{os.fspath(path)!r} is not valid JSON ({err.msg} at line {err.lineno}).") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{os.fspath(path)!r} must hold a JSON object, not {type(data).__name__}.")
+        return cls.from_hf(data)
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_hf(), fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+    def replace(self, **changes: Any) -> "LingConfig":
+        return dataclasses.replace(self, **changes)

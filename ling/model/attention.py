@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ling.config import LingConfig
+from ling.model.cache import KVCache
+from ling.model.norm import RMSNorm
+from ling.model.rope import apply_partial_rope
+
+
+class Attention(nn.Module):
+    """GQA with a fused [Q|K|V] projection, per-head QK RMSNorm before partial RoPE, through SDPA."""
+
+    def __init__(self, config: LingConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        qkv_rows = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, qkv_rows, bias=False)
+        self.query_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.key_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """attn_mask: optional boolean [B, 1, T, S] (True = may attend), e.g. document isolation."""
+        B, T, _ = x.shape
+        qkv = self.query_key_value(x).view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        q = apply_partial_rope(self.query_layernorm(q), cos, sin).transpose(1, 2)
+        k = apply_partial_rope(self.key_layernorm(k), cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        S = k.shape[2]
+        is_causal = attn_mask is None and T == S and T > 1
+        if attn_mask is None and T != S and T > 1:
+            # Queries are the last T of S positions: a bottom-right aligned causal mask.
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)
+        return self.dense(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

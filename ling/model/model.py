@@ -1,0 +1,153 @@
+"""The Ling 2.0 causal LM: embeddings, decoder layers, final norm, untied head, MTP layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ling.config import LingConfig
+from ling.model.block import DecoderLayer, MTPLayer
+from ling.model.cache import KVCache
+from ling.model.moe import MoE, MoEStats
+from ling.model.norm import RMSNorm
+from ling.model.rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LingOutput:
+    logits: torch.Tensor  # [B, T, V] main-head logits
+    loss: torch.Tensor | None = None  # main + mtp weight * mean MTP loss + router aux loss
+    main_loss: torch.Tensor | None = None
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)
+    aux_loss: torch.Tensor | None = None
+    tokens_per_expert: torch.Tensor | None = None  # [MoE layers incl. MTP, E], this forward only
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+def shift_left(x: torch.Tensor, fill: int) -> torch.Tensor:
+    """Each row moved one position left, the freed last position set to `fill` (never wraps rows)."""
+    return torch.cat([x[:, 1:], x.new_full((x.shape[0], 1), fill)], dim=1)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean CE in fp32 over labels that are not IGNORE_INDEX (0 when there are none)."""
+    total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class LingModel(nn.Module):
+    """The backbone, named as `model.*` in HF checkpoints."""
+
+    def __init__(self, config: LingConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, moe=config.is_moe_layer(i)) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mtp_layers = nn.ModuleList(
+            MTPLayer(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)
+        )
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class LingForCausalLM(nn.Module):
+    def __init__(self, config: LingConfig):
+        super().__init__()
+        self.config = config
+        self.model = LingModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE block in forward order (decoder layers, then MTP layers)."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def set_rope(self, rope_theta: float | None = None, rope_scaling: dict | None | str = "keep") -> None:
+        self.model.rotary_emb.set_rope(rope_theta, rope_scaling)
+        self.config = self.model.rotary_emb.config
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Normal(0, std) for every matrix, ones for norms, zero expert bias, rope buffers rebuilt.
+
+        Works after `to_empty()` on a model built on the meta device.
+        """
+        std = self.config.initializer_range if std is None else std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, RotaryEmbedding):
+                module.reset_parameters()
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.gate.weight, mean=0.0, std=std)
+                module.gate.expert_bias.zero_()
+                for param in module.experts.parameters():
+                    nn.init.normal_(param, mean=0.0, std=std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        mtp_loss_weight: float | None = None,
+    ) -> LingOutput:
+        """input_ids [B, T]; labels [B, T] are the next tokens (labels[:, t] follows input_ids[:, t]),
+        IGNORE_INDEX where no loss is wanted. MTP layers run when labels are given."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            start = kv_cache.length if kv_cache is not None else 0
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        h = self.model.word_embeddings(input_ids)
+        cos, sin = self.model.rotary_emb(position_ids, h.dtype)
+        stats: list[MoEStats] = []
+        for layer in self.model.layers:
+            h, layer_stats = layer(h, cos, sin, attn_mask, kv_cache)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        h = self.model.norm(h)
+        out = LingOutput(logits=self.lm_head(h))
+        if labels is not None:
+            out.main_loss = cross_entropy(out.logits, labels)
+            ids, mtp_labels, hidden = input_ids, labels, h
+            for layer in self.model.mtp_layers:
+                ids, mtp_labels = shift_left(ids, 0), shift_left(mtp_labels, IGNORE_INDEX)
+                hidden, layer_stats = layer(self.model.word_embeddings(ids), hidden, cos, sin, attn_mask)
+                stats.append(layer_stats)
+                out.mtp_logits.append(self.lm_head(hidden))
+                out.mtp_losses.append(cross_entropy(out.mtp_logits[-1], mtp_labels))
+            out.loss = out.main_loss
+            if out.mtp_losses:
+                weight = self.config.mtp_loss_scaling_factor if mtp_loss_weight is None else mtp_loss_weight
+                out.loss = out.loss + weight * torch.stack(out.mtp_losses).mean()
+        aux = [s.aux_loss for s in stats if s.aux_loss is not None]
+        if aux:
+            out.aux_loss = torch.stack(aux).sum()
+            if out.loss is not None:
+                out.loss = out.loss + out.aux_loss
+        if stats:
+            out.tokens_per_expert = torch.stack([s.tokens_per_expert for s in stats])
+        return out
+
+
+def build_model(config: LingConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LingForCausalLM:
+    """Construct on the meta device (no allocation), then materialise and initialise on `device`."""
+    with torch.device("meta"):
+        model = LingForCausalLM(config)
+    if str(device) == "meta":
+        return model
+    model = model.to_empty(device=device)
+    model.init_weights()
+    if dtype is not None:
+        model = model.to(dtype)
+    return model

@@ -1,0 +1,145 @@
+"""The Ling MoE block: fp32 sigmoid router with group-limited top-k, grouped experts, shared expert."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ling.config import LingConfig
+from ling.model.mlp import SwiGLU
+
+
+@dataclass
+class Routing:
+    indices: torch.Tensor  # [N, K] chosen experts
+    weights: torch.Tensor  # [N, K] fp32 combine weights (normalised, times routed_scaling_factor)
+    logits: torch.Tensor  # [N, E] fp32 router logits
+    scores: torch.Tensor  # [N, E] fp32 sigmoid affinities (no bias)
+
+
+def group_limited_topk(biased: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> torch.Tensor:
+    """Indices of the top_k experts inside the topk_group best groups (group score = sum of its top 2)."""
+    if n_group == 1:
+        return biased.topk(top_k, dim=-1).indices
+    tokens, experts = biased.shape
+    grouped = biased.view(tokens, n_group, experts // n_group)
+    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    keep_groups = group_scores.topk(topk_group, dim=-1).indices
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, True)
+    masked = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(tokens, experts)
+    return masked.topk(top_k, dim=-1).indices
+
+
+class Router(nn.Module):
+    """Named `gate` in the block, as in the HF checkpoints. `expert_bias` steers selection only."""
+
+    expert_bias: torch.Tensor
+
+    def __init__(self, config: LingConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.scaling = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        # Updated by the aux-loss-free balancing rule, never by gradients; saved in checkpoints.
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        # The bias stays fp32 when the model is cast (Megatron and the released weights keep it fp32).
+        super()._apply(fn, recurse)
+        if self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = F.linear(x.float(), self.weight.float())
+        scores = torch.sigmoid(logits)
+        with torch.no_grad():
+            indices = group_limited_topk(scores + self.expert_bias, self.n_group, self.topk_group, self.top_k)
+        weights = scores.gather(1, indices)
+        if self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(indices, weights * self.scaling, logits, scores)
+
+
+class GroupedExperts(nn.Module):
+    """All routed experts as stacked weights, in the HF per-expert (out, in) orientation."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: [M, H] rows sorted by expert; counts: [E] rows per expert."""
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        gate = torch._grouped_mm(x, self.gate_proj.transpose(-2, -1), offs=offs)
+        up = torch._grouped_mm(x, self.up_proj.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
+
+    def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The same computation one expert at a time: the reference the grouped path is tested against."""
+        outputs, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            rows = x[start : start + n]
+            hidden = F.silu(F.linear(rows, self.gate_proj[e])) * F.linear(rows, self.up_proj[e])
+            outputs.append(F.linear(hidden, self.down_proj[e]))
+            start += n
+        return torch.cat(outputs, dim=0)
+
+
+@dataclass
+class MoEStats:
+    tokens_per_expert: torch.Tensor  # [E] assignments in this forward (detached)
+    aux_loss: torch.Tensor | None  # weighted router z-loss + sequence balance loss, if enabled
+
+
+class MoE(nn.Module):
+    def __init__(self, config: LingConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.z_loss_coeff = config.router_z_loss_coeff
+        self.seq_aux_coeff = config.seq_aux_loss_coeff
+        self.use_loop = False  # the per-expert reference path, for tests and benchmarks
+        self.gate = Router(config)
+        self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        shared = config.shared_expert_intermediate_size if config.num_shared_experts else 0
+        self.shared_experts = SwiGLU(config.hidden_size, shared) if shared else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        routing = self.gate(flat)
+        slots = routing.indices.flatten()
+        counts = torch.bincount(slots, minlength=self.num_experts)
+        order = slots.argsort(stable=True)
+        sorted_rows = flat[order // self.top_k]
+        expert_out = (self.experts.forward_loop if self.use_loop else self.experts)(sorted_rows, counts)
+        by_slot = expert_out.new_empty(expert_out.shape).index_copy(0, order, expert_out)
+        # Weighted sum over the K slots of each token as one batched matmul (fp32 accumulation).
+        combine = routing.weights.to(by_slot.dtype).unsqueeze(1)
+        y = torch.bmm(combine, by_slot.view(-1, self.top_k, H)).view(B, T, H)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y, MoEStats(counts.detach(), self._aux_loss(routing, B, T))
+
+    def _aux_loss(self, routing: Routing, B: int, T: int) -> torch.Tensor | None:
+        terms = []
+        if self.z_loss_coeff:
+            terms.append(self.z_loss_coeff * torch.logsumexp(routing.logits, dim=-1).square().mean())
+        if self.seq_aux_coeff:
+            # DeepSeek-V3 sequence-wise balance loss: alpha * sum_i f_i * P_i per sequence, averaged.
+            E, K = self.num_experts, self.top_k
+            chosen = torch.zeros_like(routing.scores).scatter_(1, routing.indices, 1.0).view(B, T, E)
+            f = chosen.sum(dim=1) * E / (K * T)
+            probs = routing.scores / routing.scores.sum(dim=-1, keepdim=True)
+            p = probs.view(B, T, E).mean(dim=1)
+            terms.append(self.seq_aux_coeff * (f * p).sum(dim=-1).mean())
+        return sum(terms) if terms else None
