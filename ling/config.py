@@ -111,6 +111,14 @@ class LingConfig:
         return layer_idx >= self.first_k_dense_replace
 
     @property
+    def context_length(self) -> int:
+        """Longest sequence the rope settings support: YaRN extends the original window by its factor."""
+        if self.rope_type == "yarn":
+            original = self.rope_scaling.get("original_max_position_embeddings", self.max_position_embeddings)
+            return max(self.max_position_embeddings, int(original * self.rope_scaling["factor"]))
+        return self.max_position_embeddings
+
+    @property
     def rope_type(self) -> str:
         if not self.rope_scaling:
             return "default"

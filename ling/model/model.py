@@ -40,6 +40,21 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
+@torch.no_grad()
+def init_weights(module: nn.Module, std: float) -> None:
+    """Normal(0, std) for every matrix, ones for norms, zero expert bias, rope buffers rebuilt."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(sub.weight, mean=0.0, std=std)
+        elif isinstance(sub, (RMSNorm, RotaryEmbedding)):
+            sub.reset_parameters()
+        elif isinstance(sub, MoE):
+            nn.init.normal_(sub.gate.weight, mean=0.0, std=std)
+            sub.gate.expert_bias.zero_()
+            for param in sub.experts.parameters():
+                nn.init.normal_(param, mean=0.0, std=std)
+
+
 class LingModel(nn.Module):
     """The backbone, named as `model.*` in HF checkpoints."""
 
@@ -71,25 +86,9 @@ class LingForCausalLM(nn.Module):
         self.model.rotary_emb.set_rope(rope_theta, rope_scaling)
         self.config = self.model.rotary_emb.config
 
-    @torch.no_grad()
     def init_weights(self, std: float | None = None) -> None:
-        """Normal(0, std) for every matrix, ones for norms, zero expert bias, rope buffers rebuilt.
-
-        Works after `to_empty()` on a model built on the meta device.
-        """
-        std = self.config.initializer_range if std is None else std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
-            elif isinstance(module, RotaryEmbedding):
-                module.reset_parameters()
-            elif isinstance(module, MoE):
-                nn.init.normal_(module.gate.weight, mean=0.0, std=std)
-                module.gate.expert_bias.zero_()
-                for param in module.experts.parameters():
-                    nn.init.normal_(param, mean=0.0, std=std)
+        """Initialise every weight; works after `to_empty()` on a model built on the meta device."""
+        init_weights(self, self.config.initializer_range if std is None else std)
 
     def forward(
         self,
