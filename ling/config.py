@@ -208,7 +208,7 @@ class LingConfig:
 
     # ---- Hugging Face config.json ---------------------------------------------------------
     @classmethod
-    def from_hf(cls, data: dict[str, Any]) -> "LingConfig":
+    def from_hf(cls, data: dict[str, Any]) -> LingConfig:
         data = dict(data)
         architectures = data.pop("architectures", None)
         if architectures and architectures[0] != ARCHITECTURE:
@@ -234,7 +234,10 @@ class LingConfig:
             if f.name == "extra":
                 continue
             value = getattr(self, f.name)
-            if f.name in ("partial_rotary_factor", "rotary_dim", "moe_shared_expert_intermediate_size") and value is None:
+            if (
+                f.name in ("partial_rotary_factor", "rotary_dim", "moe_shared_expert_intermediate_size")
+                and value is None
+            ):
                 continue
             if f.name in ("router_z_loss_coeff", "seq_aux_loss_coeff") and value == 0.0:
                 continue
@@ -243,7 +246,7 @@ class LingConfig:
         return out
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "LingConfig":
+    def from_json_file(cls, path: str | os.PathLike) -> LingConfig:
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
@@ -260,5 +263,5 @@ class LingConfig:
             json.dump(self.to_hf(), fh, indent=2, sort_keys=True)
             fh.write("\n")
 
-    def replace(self, **changes: Any) -> "LingConfig":
+    def replace(self, **changes: Any) -> LingConfig:
         return dataclasses.replace(self, **changes)

@@ -11,9 +11,9 @@ import argparse
 import math
 import time
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import torch
-from pydoc_data.topics import topics
 
 from ling.checkpoint import load_pretrained, save_pretrained
 from ling.generate import generate
@@ -47,9 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     config = preset("tiny")
     model = build_model(config)
     counts = count_parameters(config)
-    print(f"tiny Ling MoE: {counts['with MTP (1 layer)'].total:,} parameters "
-          f"({counts['with MTP (1 layer)'].active:,} active), {config.num_experts} experts, "
-          f"{config.num_moe_layers} MoE layers + {config.num_nextn_predict_layers} MTP layer")
+    print(
+        f"tiny Ling MoE: {counts['with MTP (1 layer)'].total:,} parameters "
+        f"({counts['with MTP (1 layer)'].active:,} active), {config.num_experts} experts, "
+        f"{config.num_moe_layers} MoE layers + {config.num_nextn_predict_layers} MTP layer"
+    )
 
     data = corpus_bytes()
     split = int(0.95 * data.numel())
@@ -69,8 +71,10 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
         if step == 1 or step % 25 == 0 or step == args.steps:
             elapsed = time.perf_counter() - start
-            print(f"step {step:4d}  loss {out.main_loss.item():.3f}  mtp {out.mtp_losses[0].item():.3f}  "
-                  f"{step * args.batch * args.seq / elapsed:,.0f} tok/s")
+            print(
+                f"step {step:4d}  loss {out.main_loss.item():.3f}  mtp {out.mtp_losses[0].item():.3f}  "
+                f"{step * args.batch * args.seq / elapsed:,.0f} tok/s"
+            )
 
     model.eval()
     with torch.no_grad():
@@ -85,8 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"HF export: {out_dir} (reloaded logits identical: {same})")
 
     prompt = torch.tensor(list(b"The "))
-    sample = generate(reloaded, prompt, 120, temperature=0.8, top_k=40, stop_tokens=[config.eos_token_id],
-                      generator=torch.Generator().manual_seed(args.seed))[0]
+    sample = generate(
+        reloaded,
+        prompt,
+        120,
+        temperature=0.8,
+        top_k=40,
+        stop_tokens=[config.eos_token_id],
+        generator=torch.Generator().manual_seed(args.seed),
+    )[0]
     text = bytes(t for t in prompt.tolist() + sample if t < 256).decode("utf-8", errors="replace")
     print(f"sample: {text!r}")
 

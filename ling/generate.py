@@ -54,8 +54,15 @@ def generate(
     model.eval()
     config = model.config
     weight = model.lm_head.weight
-    cache = KVCache(config.num_hidden_layers, B, T + max_new_tokens, config.num_key_value_heads,
-                    config.head_dim, weight.dtype, weight.device)
+    cache = KVCache(
+        config.num_hidden_layers,
+        B,
+        T + max_new_tokens,
+        config.num_key_value_heads,
+        config.head_dim,
+        weight.dtype,
+        weight.device,
+    )
     stops = torch.tensor(list(stop_tokens), device=prompt.device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     generated: list[torch.Tensor] = []

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from ling.config import LingConfig
+from ling.config import ConfigError, LingConfig
 from ling.model import LingForCausalLM
 from ling.model.moe import GroupedExperts
 from ling.presets import PRESETS, preset
@@ -65,10 +66,16 @@ def format_table(name: str, counts: dict[str, ParamCounts]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Parameter counts of a Ling preset or config.json.")
-    parser.add_argument("model", nargs="+", help=f"a preset ({', '.join(PRESETS)}) or a path to config.json")
+    parser.add_argument("model", nargs="+", help=f"a preset ({', '.join(PRESETS)}), a config.json or its folder")
     args = parser.parse_args(argv)
     for name in args.model:
-        config = LingConfig.from_json_file(name) if name.endswith(".json") else preset(name)
+        path = Path(name)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            config = LingConfig.from_json_file(path) if path.suffix == ".json" else preset(name)
+        except ConfigError as err:
+            parser.error(str(err))
         print(format_table(name, count_parameters(config)))
         print()
 

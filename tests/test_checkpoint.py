@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ling import ConfigError, preset
+from ling import ConfigError
 from ling.checkpoint import CheckpointError, hf_state_dict, load_pretrained, save_pretrained
 from ling.model import build_model
 
@@ -31,8 +31,11 @@ def released_key_shapes(cfg):
         keys[f"{prefix}.attention.dense.weight"] = (H, cfg.num_attention_heads * hd)
         keys[f"{prefix}.post_attention_layernorm.weight"] = (H,)
         if not moe:
-            for proj, shape in (("gate", (cfg.intermediate_size, H)), ("up", (cfg.intermediate_size, H)),
-                                ("down", (H, cfg.intermediate_size))):
+            for proj, shape in (
+                ("gate", (cfg.intermediate_size, H)),
+                ("up", (cfg.intermediate_size, H)),
+                ("down", (H, cfg.intermediate_size)),
+            ):
                 keys[f"{prefix}.mlp.{proj}_proj.weight"] = shape
             return
         keys[f"{prefix}.mlp.gate.weight"] = (E, H)
@@ -161,7 +164,9 @@ def test_missing_mtp_is_initialised_and_reported(tiny_config, tmp_path, caplog):
     assert "no MTP weights" in caplog.text
     assert len(model.model.mtp_layers) == 1
     eh = model.model.mtp_layers[0].eh_proj.weight
-    assert torch.isfinite(eh).all() and 0.5 * tiny_config.initializer_range < eh.std() < 2 * tiny_config.initializer_range
+    assert (
+        torch.isfinite(eh).all() and 0.5 * tiny_config.initializer_range < eh.std() < 2 * tiny_config.initializer_range
+    )
     assert torch.equal(logits(model), logits(no_mtp))
     ids = torch.randint(0, 256, (2, 16))
     assert len(model(ids, labels=ids).mtp_losses) == 1
@@ -191,7 +196,10 @@ def test_misshaped_tensor_names_both_shapes(trained_like, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["moe_intermediate_size"] = 48
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"experts\.\d+\.\w+_proj\.weight' .* shape \((32, 64|64, 32)\) .* expects \((48, 64|64, 48)\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"experts\.\d+\.\w+_proj\.weight' .* shape \((32, 64|64, 32)\) .* expects \((48, 64|64, 48)\)",
+    ):
         load_pretrained(tmp_path)
 
 
@@ -222,7 +230,9 @@ def test_corrupt_and_incomplete_folders(trained_like, tmp_path):
     (corrupt / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="neither model.safetensors nor"):
         load_pretrained(corrupt)
-    (corrupt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "x.safetensors"}}))
+    (corrupt / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"lm_head.weight": "x.safetensors"}})
+    )
     with pytest.raises(CheckpointError, match="lists shard 'x.safetensors'"):
         load_pretrained(corrupt)
     (corrupt / "config.json").unlink()

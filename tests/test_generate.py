@@ -32,8 +32,11 @@ def test_cached_chunks_equal_one_full_forward(tiny_model):
     cache = KVCache(cfg.num_hidden_layers, 2, 32, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu")
     with torch.no_grad():
         full = tiny_model(ids).logits
-        parts = [tiny_model(ids[:, :8], kv_cache=cache).logits, tiny_model(ids[:, 8:9], kv_cache=cache).logits,
-                 tiny_model(ids[:, 9:], kv_cache=cache).logits]
+        parts = [
+            tiny_model(ids[:, :8], kv_cache=cache).logits,
+            tiny_model(ids[:, 8:9], kv_cache=cache).logits,
+            tiny_model(ids[:, 9:], kv_cache=cache).logits,
+        ]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
     assert cache.length == 14
 

@@ -68,8 +68,11 @@ def _resolve_layer_count(config: LingConfig, keys: dict[str, Path]) -> LingConfi
     """
     depth = config.num_nextn_predict_layers
     if depth and f"model.layers.{config.num_hidden_layers - 1}.eh_proj.weight" in keys:
-        log.info("config.json counts the %d MTP layer(s) in num_hidden_layers; using %d decoder layers.",
-                 depth, config.num_hidden_layers - depth)
+        log.info(
+            "config.json counts the %d MTP layer(s) in num_hidden_layers; using %d decoder layers.",
+            depth,
+            config.num_hidden_layers - depth,
+        )
         return config.replace(num_hidden_layers=config.num_hidden_layers - depth)
     return config
 
@@ -130,8 +133,9 @@ def load_pretrained(
                     target.copy_(tensor)
                     loaded.add((name, expert))
     if skipped_mtp:
-        log.warning("the checkpoint has MTP weights (%d tensors) that this config does not use; ignored.",
-                    len(skipped_mtp))
+        log.warning(
+            "the checkpoint has MTP weights (%d tensors) that this config does not use; ignored.", len(skipped_mtp)
+        )
     _check_complete(model, targets, loaded, folder, config)
     model.model.rotary_emb.reset_parameters()
     return model
@@ -152,7 +156,9 @@ def _check_complete(model, targets, loaded, folder: Path, config: LingConfig) ->
         init_weights(model.model.mtp_layers, config.initializer_range)
         log.warning(
             "%s has no MTP weights; the %d MTP layer(s) were initialised with std %g.",
-            folder, config.num_nextn_predict_layers, config.initializer_range,
+            folder,
+            config.num_nextn_predict_layers,
+            config.initializer_range,
         )
         return
     name, shape = missing[0]

@@ -139,7 +139,9 @@ class LingForCausalLM(nn.Module):
         return out
 
 
-def build_model(config: LingConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LingForCausalLM:
+def build_model(
+    config: LingConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> LingForCausalLM:
     """Construct on the meta device (no allocation), then materialise and initialise on `device`."""
     with torch.device("meta"):
         model = LingForCausalLM(config)

@@ -51,9 +51,11 @@ class Router(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # The bias stays fp32 when the model is cast (Megatron and the released weights keep it fp32).
+        before = self.expert_bias
         super()._apply(fn, recurse)
         if self.expert_bias.dtype != torch.float32:
-            self.expert_bias = self.expert_bias.float()
+            # Restore the unrounded values (a bf16 round trip would change which experts win).
+            self.expert_bias = before.to(device=self.expert_bias.device, dtype=torch.float32)
         return self
 
     def forward(self, x: torch.Tensor) -> Routing:

@@ -88,6 +88,7 @@ class RotaryEmbedding(nn.Module):
         super()._apply(fn, recurse)
         if self.inv_freq.dtype != torch.float32:
             self.inv_freq = self.inv_freq.float()
+            self.reset_parameters()  # recomputed, not the rounded copy
         return self
 
     @torch.no_grad()

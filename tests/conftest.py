@@ -1,0 +1,29 @@
+"""Shared fixtures for the `ling` tests: offline environment, the tiny preset and a seeded tiny model."""
+
+import os
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TORCHAO_FORCE_SKIP_LOADING_SO_FILES"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import ling  # noqa: E402
+from ling.model import build_model  # noqa: E402
+
+# The test tensors are tiny: one intra-op thread is faster than two, and it keeps the suite fast when
+# another process holds a core (torch._grouped_mm on CPU then spends ~0.2 s per call waiting on
+# its second thread).
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_config():
+    return ling.preset("tiny")
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    torch.manual_seed(0)
+    return build_model(tiny_config)
