@@ -87,11 +87,12 @@ class GroupedExperts(nn.Module):
 
     def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The same computation one expert at a time: the reference the grouped path is tested against."""
+        # unbind once: indexing the stack per expert would make each backward fill a whole-stack gradient
+        weights = zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0), strict=True)
         outputs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
+        for (gate, up, down), n in zip(weights, counts.tolist(), strict=True):
             rows = x[start : start + n]
-            hidden = F.silu(F.linear(rows, self.gate_proj[e])) * F.linear(rows, self.up_proj[e])
-            outputs.append(F.linear(hidden, self.down_proj[e]))
+            outputs.append(F.linear(F.silu(F.linear(rows, gate)) * F.linear(rows, up), down))
             start += n
         return torch.cat(outputs, dim=0)
 
