@@ -268,3 +268,24 @@ def test_moe_without_shared_expert():
             for e, w in zip(chosen[n], weights[n])
         )
         assert torch.allclose(y.reshape(-1, cfg.hidden_size)[n], ref, atol=ATOL, rtol=ATOL)
+
+
+def test_weighted_slot_sum_gradients_match_autograd_in_float64():
+    from ling.model.moe import WeightedSlotSum
+
+    torch.manual_seed(0)
+    w = torch.rand(5, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(WeightedSlotSum.apply, (w, x))
+    expected = (w[:, :, None] * x).sum(1)
+    torch.testing.assert_close(WeightedSlotSum.apply(w, x), expected)
+
+
+def test_weighted_slot_sum_accumulates_bf16_inputs_in_fp32():
+    from ling.model.moe import WeightedSlotSum
+
+    torch.manual_seed(1)
+    w = torch.rand(64, 8) * 0.37  # not representable in bf16
+    x = torch.randn(64, 8, 32).to(torch.bfloat16)
+    reference = (w[:, :, None] * x.float()).sum(1).to(torch.bfloat16)
+    assert torch.equal(WeightedSlotSum.apply(w, x), reference)

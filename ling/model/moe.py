@@ -97,6 +97,27 @@ class GroupedExperts(nn.Module):
         return torch.cat(outputs, dim=0)
 
 
+class WeightedSlotSum(torch.autograd.Function):
+    """sum_k w[n, k] * x[n, k, :] computed in fp32 (as the reference implementation does) and cast
+    back to x's dtype. Autograd would keep an fp32 copy of x for backward; this keeps x as it is and
+    upcasts again in backward, so bf16 training saves half the memory for this step."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weights, x)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return torch.bmm(weights.to(acc).unsqueeze(1), x.to(acc)).squeeze(1).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weights, x = ctx.saved_tensors
+        acc = torch.promote_types(x.dtype, torch.float32)
+        grad = grad.to(acc).unsqueeze(1)  # [N, 1, H]
+        grad_weights = torch.bmm(x.to(acc), grad.transpose(1, 2)).squeeze(2).to(weights.dtype)
+        grad_x = (weights.to(acc).unsqueeze(2) * grad).to(x.dtype)
+        return grad_weights, grad_x
+
+
 @dataclass
 class MoEStats:
     tokens_per_expert: torch.Tensor  # [E] assignments in this forward (detached)
@@ -126,9 +147,7 @@ class MoE(nn.Module):
         sorted_rows = flat[order // self.top_k]
         expert_out = (self.experts.forward_loop if self.use_loop else self.experts)(sorted_rows, counts)
         by_slot = expert_out.new_empty(expert_out.shape).index_copy(0, order, expert_out)
-        # Weighted sum over the K slots of each token as one batched matmul (fp32 accumulation).
-        combine = routing.weights.to(by_slot.dtype).unsqueeze(1)
-        y = torch.bmm(combine, by_slot.view(-1, self.top_k, H)).view(B, T, H)
+        y = WeightedSlotSum.apply(routing.weights, by_slot.view(-1, self.top_k, H)).view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y, MoEStats(counts.detach(), self._aux_loss(routing, B, T))
