@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: $(STAMP)
-	$(PY) -m ling.demo
+	$(PY) train.py fit --config configs/tiny.yaml
 
 test: export HF_HUB_OFFLINE := 1
 test: export HF_DATASETS_OFFLINE := 1

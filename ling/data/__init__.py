@@ -1,0 +1,1 @@
+"""Text to training batches: tokenizers, corpora and the Lightning data module."""

@@ -1,0 +1,213 @@
+"""`LingModule`: the LightningModule that trains a Ling model.
+
+Loss = main CE + mtp_loss_weight x mean MTP CE (+ router z-loss when enabled). The expert biases
+are updated once per optimizer step from the token counts of all its micro-batches, summed over
+the data-parallel ranks. The model is built in `configure_model` (on the meta device first), the
+one place where parallelism will be applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from ling.balance import ExpertLoad, max_violation, update_expert_bias
+from ling.checkpoint import load_pretrained
+from ling.config import ConfigError, LingConfig
+from ling.flops import training_flops_per_token
+from ling.model import LingForCausalLM
+from ling.optim import OptimizerConfig, build_optimizer
+from ling.presets import preset
+from ling.schedules import ScheduleConfig, build_scheduler
+
+
+def resolve_config(model: str, model_overrides: dict[str, Any] | None, pretrained: str | None) -> LingConfig:
+    """The model config: a checkpoint's config.json when continuing one, else a preset; plus overrides."""
+    overrides = dict(model_overrides or {})
+    if pretrained is not None:
+        folder = Path(pretrained)
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"pretrained={pretrained!r} is not a Hugging Face checkpoint folder with a config.json.")
+        return LingConfig.from_json_file(folder / "config.json").replace(**overrides)
+    return preset(model, **overrides)
+
+
+class LingModule(L.LightningModule):
+    def __init__(
+        self,
+        model: str = "tiny",
+        model_overrides: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        init_std: float | None = None,
+        mtp_loss_weight: float | None = None,
+        router_z_loss_coeff: float = 0.0,
+        bias_update_rate: float = 1e-3,
+        optimizer: OptimizerConfig | None = None,
+        schedule: ScheduleConfig | None = None,
+        peak_flops_per_device: float | None = None,
+    ):
+        """
+        Args:
+            model: a preset name (tiny, mini, flash, 1t); ignored when `pretrained` is given.
+            model_overrides: config fields to change (Hugging Face names), e.g. {num_experts: 32}.
+            pretrained: a Hugging Face checkpoint folder to continue training from.
+            init_std: std of the normal init (default: the config's initializer_range).
+            mtp_loss_weight: weight of the mean MTP loss (default: the config's mtp_loss_scaling_factor).
+            router_z_loss_coeff: router z-loss coefficient (0 = off).
+            bias_update_rate: step size u of the aux-loss-free expert-bias update (0 = frozen).
+            optimizer: AdamW settings.
+            schedule: learning-rate schedule (WSM by default, as in the Ling 2.0 report).
+            peak_flops_per_device: peak FLOP/s of one device, for MFU (none: MFU is not logged).
+        """
+        super().__init__()
+        # Settings objects are stored as plain dicts so checkpoints load with weights_only=True.
+        self.save_hyperparameters(ignore=["optimizer", "schedule"])
+        overrides = dict(model_overrides or {})
+        if router_z_loss_coeff:
+            overrides["router_z_loss_coeff"] = router_z_loss_coeff
+        self.config = resolve_config(model, overrides, pretrained)
+        self.pretrained, self._overrides = pretrained, overrides
+        self.init_std = self.config.initializer_range if init_std is None else init_std
+        self.mtp_loss_weight = self.config.mtp_loss_scaling_factor if mtp_loss_weight is None else mtp_loss_weight
+        if self.mtp_loss_weight < 0:
+            raise ConfigError(f"mtp_loss_weight={self.mtp_loss_weight} must be 0 or more.")
+        if self.mtp_loss_weight > 0 and self.config.num_nextn_predict_layers == 0:
+            raise ConfigError(
+                f"mtp_loss_weight={self.mtp_loss_weight} needs an MTP layer, but the model has "
+                "num_nextn_predict_layers=0; set model_overrides.num_nextn_predict_layers: 1 or mtp_loss_weight: 0."
+            )
+        if bias_update_rate < 0:
+            raise ConfigError(f"bias_update_rate={bias_update_rate} must be 0 or more.")
+        self.bias_update_rate = bias_update_rate
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.schedule_config = schedule or ScheduleConfig()
+        self.hparams["optimizer"] = dataclasses.asdict(self.optimizer_config)
+        self.hparams["schedule"] = dataclasses.asdict(self.schedule_config)
+        self.peak_flops_per_device = peak_flops_per_device
+        self.model: LingForCausalLM | None = None
+        self.expert_load = ExpertLoad()
+        self.tokens_seen = 0
+        self._step_tokens = 0
+        self._step_started: float | None = None
+        self._seq_len = 0
+
+    # ---- model construction -----------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        if self.pretrained is not None:
+            self.model = load_pretrained(self.pretrained, dtype=torch.float32, device=self.device, **self._overrides)
+        else:
+            with torch.device("meta"):
+                model = LingForCausalLM(self.config)
+            self.model = model.to_empty(device=self.device)
+            self.model.init_weights(self.init_std)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                f"{self.config.vocab_size}; use a model with vocab_size >= {tokenizer.vocab_size}."
+            )
+
+    # ---- training -----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        return self.model(input_ids, labels=labels, mtp_loss_weight=self.mtp_loss_weight)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+        out = self(batch["input_ids"], batch["labels"])
+        if out.tokens_per_expert is not None:
+            self.expert_load.add(out.tokens_per_expert)
+        self._seq_len = batch["input_ids"].shape[1]
+        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        self._step_tokens += tokens
+        self.tokens_seen += tokens
+        self.log("train/loss", out.main_loss, prog_bar=True)
+        for k, loss in enumerate(out.mtp_losses):
+            self.log(f"train/mtp_{k + 1}_loss", loss)
+        if out.aux_loss is not None:
+            self.log("train/router_aux_loss", out.aux_loss)
+        self.log("train/tokens", float(self.tokens_seen))
+        return out.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        counts = self.expert_load.reduce()
+        if counts is not None:
+            if self.bias_update_rate > 0:
+                for moe, layer_counts in zip(self.model.moe_layers(), counts, strict=True):
+                    update_expert_bias(moe.gate.expert_bias, layer_counts, self.bias_update_rate)
+            violation = max_violation(counts)
+            self.log("load/max_violation_mean", violation.mean())
+            self.log("load/max_violation_max", violation.max())
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self._log_throughput()
+
+    def _log_throughput(self) -> None:
+        if self._step_started is None:
+            return
+        elapsed = time.perf_counter() - self._step_started
+        tokens_per_second = self._step_tokens / max(elapsed, 1e-9)
+        self.log("tok_s", tokens_per_second, prog_bar=True)
+        if self.peak_flops_per_device:
+            flops = training_flops_per_token(self.config, self._seq_len)
+            per_device = tokens_per_second / self.trainer.world_size
+            self.log("mfu", per_device * flops / self.peak_flops_per_device, prog_bar=True)
+        self._step_tokens = 0
+        self._step_started = None
+
+    def on_train_end(self) -> None:
+        metrics = self.trainer.callback_metrics
+        parts = [f"{name} {float(metrics[name]):.4f}" for name in ("train/loss", "val/loss") if name in metrics]
+        entropy = getattr(self.trainer.datamodule, "unigram_entropy", None)
+        if entropy is not None:
+            parts.append(f"unigram entropy of the data {entropy:.4f}")
+        rank_zero_info(f"finished at step {self.trainer.global_step}: " + ", ".join(parts))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.model(batch["input_ids"], labels=batch["labels"])
+        self.log("val/loss", out.main_loss, prog_bar=True, sync_dist=True)
+        return out.main_loss
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.optimizer_config)
+        max_steps = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
+        scheduler = build_scheduler(optimizer, self.schedule_config, max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ling"] = {"tokens_seen": self.tokens_seen, "config": self.config.to_hf()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("ling")
+        if saved is None:
+            return
+        ours = self.config.to_hf()
+        shape_fields = [k for k, v in saved["config"].items() if k in _SHAPE_FIELDS and ours.get(k) != v]
+        if shape_fields:
+            k = shape_fields[0]
+            raise ConfigError(
+                f"the checkpoint was trained with {k}={saved['config'][k]!r} but this run's model has "
+                f"{k}={ours[k]!r}; resume with the same model settings."
+            )
+        self.tokens_seen = saved["tokens_seen"]
+
+
+_SHAPE_FIELDS = {
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "moe_shared_expert_intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts",
+    "num_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers",
+}  # fmt: skip

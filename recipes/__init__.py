@@ -1,0 +1,168 @@
+"""Training recipes: one source of truth per model size (tiny, mini, flash, 1t).
+
+A recipe names a ling preset and holds the Ling 2.0 report's training plan for it (peak LR, warmup,
+batch and its ramp, MTP weight, router bias-update rates, AdamW settings, init std) plus an example
+parallel layout that fits 80 GB H100s on paper (`python -m recipes.plan <name>` shows the plan).
+
+Batch sizes are in sequences (the report's Table 1 gives 4,400 / 8,352 / 18,144 without units; at
+4,096 tokens that is 18.0M / 34.2M / 74.3M tokens per step). The report ramps the batch from 3,024
+over the first ~500B tokens; here, as Megatron's `--rampup-batch-size start increment samples` does,
+the batch grows from `batch_ramp_start` by `batch_ramp_increment` sequences in equal steps over
+`batch_ramp_samples` = round(500e9 / seq_len) sequences. The increment of each real recipe equals its
+layout's data-parallel ranks x micro-batch, so every batch of the ramp, not only the final one, is a
+whole number of micro-batches per rank (accumulation grows by one micro-batch per increment).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+
+from ling.config import LingConfig
+from ling.planner import ParallelLayout
+from ling.presets import PRESETS, preset
+
+RAMP_TOKENS = 500e9  # the report ramps the batch size over roughly the first 500B tokens
+
+
+class RecipeError(ValueError):
+    """A recipe name or value that cannot describe a training run."""
+
+
+def ramp_samples(seq_len: int, tokens: float = RAMP_TOKENS) -> int:
+    """Sequences of seq_len tokens in the ramp's token budget, rounded to the nearest integer."""
+    return round(tokens / seq_len)
+
+
+@dataclass
+class Recipe:
+    """Everything a run of one model size needs beyond the architecture itself.
+
+    `layout.micro_batch` and `layout.seq_len` must equal `micro_batch` and `seq_len` (checked), so
+    the memory plan always describes the run. All ranks are data parallel (experts are carved out of
+    them), so accumulate_grad_batches = global_batch / (layout.world * micro_batch).
+    """
+
+    name: str
+    preset: str
+    peak_lr: float
+    warmup_steps: int
+    global_batch: int
+    seq_len: int
+    micro_batch: int
+    layout: ParallelLayout
+    model_overrides: dict = field(default_factory=dict)
+    mtp_loss_weight: float = 0.1
+    bias_update_rate: float = 1e-3
+    bias_update_rate_after_extension: float = 1e-4
+    init_std: float = 0.006
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    batch_ramp_start: int | None = None
+    batch_ramp_increment: int | None = None
+    batch_ramp_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset.lower() not in PRESETS:
+            raise RecipeError(f"recipe {self.name!r} names preset {self.preset!r}; choose one of {sorted(PRESETS)}.")
+        for name in ("warmup_steps", "global_batch", "seq_len", "micro_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "warmup_steps" else 1):
+                raise RecipeError(f"recipe {self.name!r}: {name}={value!r} must be a positive integer.")
+        if (self.layout.micro_batch, self.layout.seq_len) != (self.micro_batch, self.seq_len):
+            raise RecipeError(
+                f"recipe {self.name!r}: layout micro_batch={self.layout.micro_batch}, seq_len={self.layout.seq_len} "
+                f"must equal the recipe's micro_batch={self.micro_batch}, seq_len={self.seq_len}."
+            )
+        ramp = (self.batch_ramp_start, self.batch_ramp_increment, self.batch_ramp_samples)
+        if any(v is not None for v in ramp):
+            start, inc, samples = ramp
+            if any(not isinstance(v, int) or v <= 0 for v in ramp):
+                raise RecipeError(
+                    f"recipe {self.name!r}: batch ramp start={start!r}, increment={inc!r}, samples={samples!r} "
+                    "must all be positive integers (or all None for no ramp)."
+                )
+            if start >= self.global_batch or (self.global_batch - start) % inc:
+                raise RecipeError(
+                    f"recipe {self.name!r}: the batch ramp must start below global_batch={self.global_batch} and "
+                    f"reach it in whole increments, but start={start} with increment={inc} does not."
+                )
+
+    # ---- derived values -----------------------------------------------------------------------
+    def config(self) -> LingConfig:
+        """The model config: the preset, the overrides, then this recipe's init std and MTP weight."""
+        return preset(
+            self.preset,
+            **{
+                **self.model_overrides,
+                "initializer_range": self.init_std,
+                "mtp_loss_scaling_factor": self.mtp_loss_weight,
+            },
+        )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.layout.world
+
+    def accumulation_for(self, batch: int) -> float:
+        """Micro-batches per rank for a global batch of `batch` sequences (may be fractional)."""
+        return batch / (self.data_parallel_size * self.micro_batch)
+
+    @property
+    def accumulate_grad_batches(self) -> int:
+        """global_batch / (data-parallel ranks x micro_batch); a clear error when not a whole number."""
+        per_step = self.data_parallel_size * self.micro_batch
+        if self.global_batch % per_step:
+            raise RecipeError(
+                f"recipe {self.name!r}: global_batch={self.global_batch} is not a multiple of {per_step} "
+                f"({self.data_parallel_size} ranks x micro_batch {self.micro_batch}); pick nodes x gpus_per_node x "
+                f"micro_batch dividing {self.global_batch}."
+            )
+        return self.global_batch // per_step
+
+    @property
+    def ramp_increments(self) -> int:
+        if self.batch_ramp_start is None:
+            return 0
+        return (self.global_batch - self.batch_ramp_start) // self.batch_ramp_increment
+
+    def global_batch_at(self, consumed_samples: int) -> int:
+        """The ramped global batch after `consumed_samples` sequences (Megatron's rampup rule:
+        start + increment * floor(consumed / (ramp_samples / increments)), capped at global_batch)."""
+        if self.batch_ramp_start is None:
+            return self.global_batch
+        # consumed // (samples / increments), in integers so the last increment lands exactly on time
+        steps = consumed_samples * self.ramp_increments // self.batch_ramp_samples
+        return min(self.global_batch, self.batch_ramp_start + steps * self.batch_ramp_increment)
+
+    def with_layout(self, **changes) -> Recipe:
+        """This recipe on another layout; micro_batch and seq_len changes apply to both."""
+        micro_batch = changes.get("micro_batch", self.micro_batch)
+        seq_len = changes.get("seq_len", self.seq_len)
+        layout = dataclasses.replace(self.layout, **{**changes, "micro_batch": micro_batch, "seq_len": seq_len})
+        return dataclasses.replace(self, layout=layout, micro_batch=micro_batch, seq_len=seq_len)
+
+
+from recipes.flash import FLASH  # noqa: E402
+from recipes.mini import MINI  # noqa: E402
+from recipes.one_t import ONE_T  # noqa: E402
+from recipes.tiny import TINY  # noqa: E402
+
+RECIPES: dict[str, Recipe] = {"tiny": TINY, "mini": MINI, "flash": FLASH, "1t": ONE_T}
+
+
+def get_recipe(name: str) -> Recipe:
+    """A copy of the recipe registered under `name` (case-insensitive), safe to modify."""
+    key = str(name).lower()
+    if key not in RECIPES:
+        raise RecipeError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}.")
+    return copy.deepcopy(RECIPES[key])
+
+
+__all__ = ["RECIPES", "Recipe", "RecipeError", "get_recipe", "ramp_samples"]

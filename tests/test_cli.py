@@ -1,0 +1,89 @@
+"""`train.py`: the YAML run end to end, the resolved config, and errors before training starts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+import train
+from ling.checkpoint import load_pretrained
+from ling.config import ConfigError
+from ling.data.module import LingDataModule
+from ling.module import LingModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(tmp_path, steps=4, *extra):
+    """configs/tiny.yaml made small: 32-token rows, checkpoints every 2 steps, output under tmp_path."""
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    trainer = config["trainer"]
+    trainer.update(max_steps=steps, val_check_interval=2, default_root_dir=str(tmp_path), enable_progress_bar=False)
+    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    for callback in trainer["callbacks"]:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["every_n_train_steps"] = 2
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("TQDMProgressBar")]
+    config["data"].update(seq_len=32, micro_batch_size=2)
+    path = tmp_path / "run.yaml"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return ["fit", "--config", str(path), *extra]
+
+
+def test_yaml_run_writes_checkpoints_hf_export_and_sample(tmp_path, capsys, caplog):
+    cli = train.main(tiny_args(tmp_path))
+    assert cli.trainer.global_step == 4
+    log_dir = Path(cli.trainer.log_dir)
+    checkpoints = sorted(p.name for p in (log_dir / "checkpoints").glob("*.ckpt"))
+    assert checkpoints == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"]
+    exported = load_pretrained(log_dir / "hf")
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, cli.model.model(ids).logits)
+    out = capsys.readouterr().out
+    assert "sample: 'The " in out
+    assert "finished at step 4: train/loss" in caplog.text and "unigram entropy of the data" in caplog.text
+    assert (log_dir / "metrics.csv").read_text().count("val/loss") == 1
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path):
+    """LightningCLI takes the model settings from the checkpoint; through the Python API a mismatch
+    is caught before any weight is loaded."""
+    train.main(tiny_args(tmp_path, 2))
+    ckpt = next(Path(tmp_path).rglob("epoch=0-step=2.ckpt"))
+    module = LingModule(model="tiny", model_overrides={"num_experts": 32})
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, default_root_dir=tmp_path / "again"
+    )
+    with pytest.raises(ConfigError, match="num_experts=16 but this run's model has num_experts=32"):
+        trainer.fit(module, datamodule=LingDataModule(seq_len=32, micro_batch_size=2), ckpt_path=ckpt)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_print_config_shows_the_whole_run():
+    result = run_cli("fit", "--config", "configs/tiny.yaml", "--print_config")
+    assert result.returncode == 0, result.stderr
+    for line in ("model: tiny", "bias_update_rate: 0.001", "name: wsm", "corpus: pydoc", "max_steps: 2500"):
+        assert line in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.model=huge", "error: unknown model preset 'huge'; choose one of ['1t', 'flash', 'mini', 'tiny']."),
+        ('--model.model_overrides={"num_nextn_predict_layers": 0}', "error: mtp_loss_weight=0.1 needs an MTP layer"),
+    ],
+)
+def test_bad_settings_fail_with_one_sentence(override, message):
+    result = run_cli("fit", "--config", "configs/tiny.yaml", override)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in result.stderr

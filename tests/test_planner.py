@@ -1,0 +1,174 @@
+"""The FSDP2 + EP memory planner against hand computations."""
+
+import pytest
+
+from ling.params import count_parameters
+from ling.planner import (
+    GB,
+    LayoutError,
+    ParallelLayout,
+    activation_bytes,
+    format_plan,
+    parameter_breakdown,
+    plan_memory,
+)
+from ling.presets import PRESETS, preset
+from recipes import get_recipe
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_parameter_arithmetic_matches_the_model(name):
+    cfg = preset(name)
+    assert parameter_breakdown(cfg).total == count_parameters(cfg)["with MTP (1 layer)"].total
+
+
+def test_mini_model_states_by_hand():
+    # 16,255,643,392 published parameters without MTP; the recipe trains one MTP layer:
+    H, d, E, I_e, I_s, n_h, n_kv = 2048, 128, 256, 512, 512, 16, 4
+    attention = H * (n_h + 2 * n_kv) * d + n_h * d * H + 2 * d + 2 * H  # incl. q/k norms, block norms
+    mtp = attention + E * H + 3 * H * I_s + E * 3 * H * I_e + E + 2 * H * H + 3 * H  # + bias, eh_proj, 3 norms
+    total = 16_255_643_392 + mtp
+    assert total == 17_083_504_896
+    biases = (19 + 1) * E  # fp32 expert_bias of 19 MoE layers + the MTP layer: buffers, not trained
+    trainable = total - biases
+    dp_shard = 16  # 2 nodes x 8 GPUs, no replication
+    plan = plan_memory(preset("mini"), ParallelLayout(nodes=2, ep=8))
+    assert plan.params.trainable == trainable and plan.params.buffers == biases
+    assert plan.parameters == pytest.approx(trainable * 4 / dp_shard + biases * 4, abs=1)
+    assert plan.gradients == pytest.approx(trainable * 4 / dp_shard, abs=1)
+    assert plan.optimizer == pytest.approx(trainable * 8 / dp_shard, abs=1)
+    assert plan.gradients == 4_270_874_944  # 17,083,499,776 * 4 / 16
+    # The largest FSDP unit is the final norm + lm_head (V*H + H), bigger than an MoE block with 32 local experts.
+    assert plan.largest_unit == "final norm + lm_head"
+    assert plan.gathered_params == 2 * (157184 * H + H) * 2
+    assert plan.gradient_buffers == (157184 * H + H) * (2 + 4)
+    # HSDP: two replicas of an 8-way shard hold twice the states per GPU.
+    hsdp = plan_memory(preset("mini"), ParallelLayout(nodes=2, ep=8, dp_replicate=2))
+    assert hsdp.optimizer == pytest.approx(2 * plan.optimizer)
+
+
+def test_experts_are_gathered_per_expert_parallel_rank():
+    cfg = preset("1t")
+    H, d, E, I_e = 8192, 128, 256, 2048
+    attention = H * (64 + 2 * 8) * d + 64 * d * H + 2 * d + 2 * H
+    mtp_non_expert = attention + E * H + 3 * H * 2048 + 2 * H * H + 3 * H
+    routed = E * 3 * H * I_e
+    # ep=1: the MTP block gathers all 256 experts and is the largest unit.
+    plan = plan_memory(cfg, ParallelLayout(nodes=128, ep=1))
+    assert plan.largest_unit == "MTP layer 0"
+    assert plan.gathered_params == 2 * (mtp_non_expert + routed) * 2
+    # ep=16: a rank gathers only its 16 experts; the lm_head is then the largest unit.
+    plan = plan_memory(cfg, ParallelLayout(nodes=128, ep=16))
+    assert mtp_non_expert + routed // 16 < 157184 * H + H
+    assert plan.largest_unit == "final norm + lm_head"
+
+
+def test_activation_estimate_by_hand():
+    cfg = preset("tiny")  # V 512, H 64, 3 layers (1 dense), 4 heads / 2 KV of 16, I 192, 16 experts top-4 of 32
+    V, H, n_h, n_kv, d, I, E, K, I_e, I_s = 512, 64, 4, 2, 16, 192, 16, 4, 32, 32
+    N = 1 * 8  # micro_batch 1, seq_len 8
+    norm = N * H * (4 + 2) + N * 4  # fp32 input copy, bf16 normed, fp32 rstd
+    attention = (
+        norm + N * H * 2  # input norm and its output (the qkv input)
+        + N * (n_h + 2 * n_kv) * d * 2  # qkv
+        + N * (n_h + n_kv) * d * (4 + 2) + N * (n_h + n_kv) * 4  # q/k norms
+        + N * (n_h + n_kv) * d * 2  # rotated q, k
+        + N * n_h * d * 2 + N * n_h * 4  # SDPA output + logsumexp
+        + N * n_h * d * 2  # dense input
+        + norm + N * H * 2  # post-attention norm and its output
+    )  # fmt: skip
+    assert attention == 18_816
+    dense = attention + 4 * N * I * 2
+    # router fp32 input + scores, routing indices/weights, sorted rows, expert hidden, expert output, combine input
+    moe_internals = N * H * 4 + N * E * 4 + N * K * 32 + K * N * H * 2 + 4 * K * N * I_e * 2 + 2 * K * N * H * 2
+    moe_internals += 4 * N * I_s * 2  # shared expert hidden
+    moe = attention + moe_internals
+    mtp_extra = 2 * norm + N * 2 * H * 2 + norm
+    mtp = moe + mtp_extra
+    head_inputs = norm + N * H * 2 + N * H * 2  # final norm + its output, MTP head input
+    logits = 2 * N * V * (2 + 4)
+    loss_bwd = N * V * (4 + 4)
+    assert (dense, moe, mtp) == (31_104, 44_928, 56_288)
+
+    full = activation_bytes(cfg, 1, 8, "full")
+    assert full == {"stored": 3 * N * H * 2 + 2 * N * H * 2 + head_inputs, "logits": logits, "transient": mtp}
+    assert sum(full.values()) == 115_712
+    none = activation_bytes(cfg, 1, 8, "none")
+    assert none == {"stored": dense + 2 * moe + mtp + head_inputs, "logits": logits, "transient": loss_bwd}
+    assert sum(none.values()) == 264_320
+    selective = activation_bytes(cfg, 1, 8, "moe")
+    stored = dense + 2 * attention + attention + mtp_extra + head_inputs
+    assert selective == {"stored": stored, "logits": logits, "transient": max(loss_bwd, moe_internals)}
+    # Activations scale with tokens; micro_batch and seq_len enter only as their product here.
+    assert activation_bytes(cfg, 2, 8, "none") == activation_bytes(cfg, 1, 16, "none")
+
+
+def test_headroom_and_total():
+    plan = plan_memory(preset("mini"), ParallelLayout(nodes=2))
+    items = plan.model_states + plan.gathered_params + plan.gradient_buffers + plan.activations
+    assert plan.total == pytest.approx(items * 1.10 + 2 * GB)
+    assert plan.activations == sum(plan.activation_detail.values())
+
+
+def test_one_t_recipe_fits_and_one_node_does_not():
+    recipe = get_recipe("1t")
+    plan = plan_memory(recipe.config(), recipe.layout)
+    assert plan.fits and plan.total < 80 * GB
+    assert "fits" in format_plan(plan) and format_plan(plan).rstrip().endswith("yes")
+    small = plan_memory(recipe.config(), ParallelLayout(nodes=1, ep=8))
+    assert not small.fits
+    assert small.optimizer > 1000 * GB  # 1.01T parameters x 8 bytes / 8 GPUs
+    assert format_plan(small).rstrip().endswith("no")
+
+
+def test_no_checkpointing_does_not_fit_one_t():
+    recipe = get_recipe("1t")
+    assert not plan_memory(recipe.config(), recipe.with_layout(activation_checkpointing="none").layout).fits
+
+
+def test_layout_validation():
+    with pytest.raises(LayoutError, match=r"ep=3 must divide dp_shard=16"):
+        ParallelLayout(nodes=2, ep=3)
+    with pytest.raises(LayoutError, match=r"dp_replicate=3 must divide the world size 16"):
+        ParallelLayout(nodes=2, dp_replicate=3)
+    with pytest.raises(LayoutError, match=r"ep=16 must divide dp_shard=8"):
+        ParallelLayout(nodes=2, ep=16, dp_replicate=2)
+    with pytest.raises(LayoutError, match=r"ep=32 must divide num_experts=16"):
+        plan_memory(preset("tiny"), ParallelLayout(nodes=4, ep=32))
+    with pytest.raises(LayoutError, match=r"activation_checkpointing='some'"):
+        ParallelLayout(nodes=1, activation_checkpointing="some")
+    with pytest.raises(LayoutError, match=r"nodes=0 must be a positive integer"):
+        ParallelLayout(nodes=0)
+    layout = ParallelLayout(nodes=4, ep=8, dp_replicate=2)
+    assert (layout.world, layout.dp_shard, layout.efsdp) == (32, 16, 2)
+
+
+def test_activation_estimate_against_the_tensors_autograd_saves():
+    """The no-checkpointing estimate against what the eager model really keeps for backward (CPU, bf16):
+    every distinct non-parameter storage passed to autograd's saved-tensor hook, plus the logits the
+    output holds. The saved bytes come out 1.3% below the estimate for this shape (SDPA kernels
+    differ between CPU and GPU in what they keep); 3% of slack is allowed."""
+    torch = pytest.importorskip("torch")
+    from ling.model import build_model
+
+    cfg = preset("tiny", hidden_size=256, vocab_size=4096, pad_token_id=0, eos_token_id=0, head_dim=32)
+    cfg = cfg.replace(num_attention_heads=8, intermediate_size=512, moe_intermediate_size=64)
+    torch.manual_seed(0)
+    model = build_model(cfg, dtype=torch.bfloat16)
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights and storage.nbytes():
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    B, T = 2, 64
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids, labels=ids)
+    kept_logits = sum(x.numel() * x.element_size() for x in [out.logits, *out.mtp_logits])
+    measured = sum(saved.values()) + kept_logits
+    estimate = activation_bytes(cfg, B, T, "none")
+    assert measured == pytest.approx(estimate["stored"] + estimate["logits"], rel=0.03)

@@ -1,0 +1,103 @@
+"""Recipes: the report's values, whole gradient accumulation, a fitting layout, the plan CLI."""
+
+import dataclasses
+
+import pytest
+
+from ling.planner import ParallelLayout, plan_memory
+from ling.presets import PRESETS
+from recipes import RECIPES, Recipe, RecipeError, get_recipe
+from recipes.plan import main
+
+REPORT = {  # Ling 2.0 report Table 1 / §3.2.1: peak LR, batch (sequences)
+    "mini": (3.36e-4, 4400),
+    "flash": (2.61e-4, 8352),
+    "1t": (1.86e-4, 18144),
+}
+
+
+def test_registry():
+    assert list(RECIPES) == ["tiny", "mini", "flash", "1t"]
+    for name, recipe in RECIPES.items():
+        assert recipe.name == name and recipe.preset in PRESETS
+        config = recipe.config()
+        assert config.initializer_range == 0.006 and config.mtp_loss_scaling_factor == 0.1
+        assert config.num_nextn_predict_layers == 1
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_shared_training_settings(name):
+    recipe = get_recipe(name)
+    assert recipe.mtp_loss_weight == 0.1
+    assert recipe.bias_update_rate == 1e-3 and recipe.bias_update_rate_after_extension == 1e-4
+    assert recipe.init_std == 0.006
+    assert recipe.weight_decay == 0.1 and recipe.betas == (0.9, 0.95) and recipe.grad_clip == 1.0
+    assert (recipe.layout.micro_batch, recipe.layout.seq_len) == (recipe.micro_batch, recipe.seq_len)
+    per_step = recipe.layout.world * recipe.micro_batch
+    assert recipe.global_batch % per_step == 0
+    assert recipe.accumulate_grad_batches * per_step == recipe.global_batch
+    assert plan_memory(recipe.config(), recipe.layout).fits
+
+
+@pytest.mark.parametrize("name", ["mini", "flash", "1t"])
+def test_report_values_and_ramp(name):
+    recipe = get_recipe(name)
+    lr, batch = REPORT[name]
+    assert recipe.peak_lr == lr and recipe.global_batch == batch
+    assert recipe.warmup_steps == 2000 and recipe.seq_len == 4096
+    assert recipe.batch_ramp_start == 3024
+    assert recipe.batch_ramp_samples == 122_070_312  # 500e9 tokens / 4096, rounded
+    assert (recipe.global_batch - recipe.batch_ramp_start) % recipe.batch_ramp_increment == 0
+    # Every batch of the ramp is whole micro-batches on every rank of the recipe's layout.
+    per_step = recipe.layout.world * recipe.micro_batch
+    batches = [recipe.global_batch_at(s) for s in range(0, 130_000_000, 250_000)]
+    assert batches[0] == 3024 and batches[-1] == recipe.global_batch
+    assert batches == sorted(batches)
+    assert all(b % per_step == 0 for b in batches)
+    assert recipe.global_batch_at(recipe.batch_ramp_samples) == recipe.global_batch
+    assert recipe.global_batch_at(recipe.batch_ramp_samples - 1) < recipe.global_batch
+
+
+def test_layouts():
+    assert (get_recipe("mini").layout.world, get_recipe("mini").layout.ep) == (16, 8)
+    assert (get_recipe("flash").layout.world, get_recipe("flash").layout.ep) == (144, 8)
+    assert (get_recipe("1t").layout.world, get_recipe("1t").layout.ep) == (1008, 16)
+    assert get_recipe("tiny").accumulate_grad_batches == 4 and get_recipe("tiny").batch_ramp_start is None
+
+
+def test_errors():
+    with pytest.raises(RecipeError, match=r"unknown recipe 'huge'; choose one of tiny, mini, flash, 1t\."):
+        get_recipe("huge")
+    assert get_recipe("1T").name == "1t"
+    recipe = get_recipe("mini").with_layout(nodes=4)
+    assert recipe.layout.world == 32
+    with pytest.raises(RecipeError, match=r"global_batch=4400 is not a multiple of 32"):
+        _ = recipe.accumulate_grad_batches
+    base = get_recipe("tiny")
+    with pytest.raises(RecipeError, match=r"must equal the recipe's micro_batch=4"):
+        dataclasses.replace(base, layout=ParallelLayout(nodes=1, gpus_per_node=1, ep=1, seq_len=128))
+    with pytest.raises(RecipeError, match=r"reach it in whole increments"):
+        dataclasses.replace(get_recipe("mini"), batch_ramp_increment=1000)
+    with pytest.raises(RecipeError, match=r"preset 'nano'"):
+        Recipe("x", "nano", 1e-3, 0, 16, 128, 4, base.layout)
+    # get_recipe hands out copies: editing one does not change the registry.
+    get_recipe("mini").model_overrides["num_hidden_layers"] = 2
+    assert RECIPES["mini"].model_overrides == {}
+
+
+def test_plan_cli(capsys):
+    main(["mini"])
+    out = capsys.readouterr().out
+    assert "16,255,643,392" in out and "accumulate_grad_batches 275" in out
+    assert "9.94 GFLOP" in out and "fits" in out
+    main(["mini", "--nodes", "4", "--ac", "none"])
+    out = capsys.readouterr().out
+    assert "32 ranks" in out and "NOT a whole number" in out and "AC 'none'" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["huge"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: unknown recipe 'huge'; choose one of tiny, mini, flash, 1t." in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["mini", "--ep", "3"])
+    assert "ep=3 must divide dp_shard=16" in capsys.readouterr().err

@@ -1,0 +1,71 @@
+"""A run resumed from a mid-run checkpoint continues exactly as the uninterrupted run."""
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ling.checkpoint.atomic import AtomicCheckpointIO
+from ling.data.module import LingDataModule
+from ling.module import LingModule
+from ling.schedules import ScheduleConfig
+
+
+class RecordLosses(L.Callback):
+    def __init__(self):
+        self.losses, self.inputs = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.inputs.append(batch["input_ids"][:, :4].clone())
+
+
+def make_trainer(tmp_path, max_steps, callbacks):
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        accumulate_grad_batches=2,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def make_module():
+    torch.manual_seed(0)
+    return LingModule(model="tiny", bias_update_rate=0.01, schedule=ScheduleConfig(name="wsm", warmup_steps=3))
+
+
+def data():
+    return LingDataModule(seq_len=32, micro_batch_size=4, seed=7)
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = RecordLosses()
+    module_full = make_module()
+    make_trainer(tmp_path / "full", 6, [full]).fit(module_full, datamodule=data())
+
+    first = RecordLosses()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    make_trainer(tmp_path / "a", 3, [first, ckpt]).fit(make_module(), datamodule=data())
+    saved = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    assert saved.exists()
+    assert not list((tmp_path / "ckpt").glob(".*.tmp"))
+
+    second = RecordLosses()
+    module_resumed = make_module()
+    make_trainer(tmp_path / "b", 6, [second]).fit(module_resumed, datamodule=data(), ckpt_path=saved)
+
+    assert len(full.losses) == 12 and len(first.losses) == 6 and len(second.losses) == 6
+    for a, b in zip(full.inputs, first.inputs + second.inputs, strict=True):
+        assert torch.equal(a, b)  # the resumed run reads the next unseen batches
+    assert first.losses + second.losses == full.losses
+    for (name, a), b in zip(
+        module_full.model.state_dict().items(), module_resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert module_resumed.tokens_seen == module_full.tokens_seen == 6 * 2 * 4 * 32
