@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from ling.checkpoint import CheckpointError  # noqa: E402
@@ -19,7 +21,13 @@ from ling.data.corpus import DataError  # noqa: E402
 from ling.data.module import LingDataModule  # noqa: E402
 from ling.module import LingModule  # noqa: E402
 
-USER_ERRORS = (ConfigError, CheckpointError, DataError)
+# Lightning's own misconfiguration messages are sentences for users too (for example
+# accumulate_grad_batches: the micro-batches per step come from data.global_batch_size).
+# The step is written out in LingModule (manual optimization); checkpoints hold the state after the
+# step, which is what resuming needs, so Lightning's advice to keep pre-step copies does not apply.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+USER_ERRORS = (ConfigError, CheckpointError, DataError, MisconfigurationException)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

@@ -48,6 +48,7 @@ class LingModule(L.LightningModule):
         mtp_loss_weight: float | None = None,
         router_z_loss_coeff: float = 0.0,
         bias_update_rate: float = 1e-3,
+        grad_clip: float | None = 1.0,
         optimizer: OptimizerConfig | None = None,
         schedule: ScheduleConfig | None = None,
         peak_flops_per_device: float | None = None,
@@ -61,6 +62,7 @@ class LingModule(L.LightningModule):
             mtp_loss_weight: weight of the mean MTP loss (default: the config's mtp_loss_scaling_factor).
             router_z_loss_coeff: router z-loss coefficient (0 = off).
             bias_update_rate: step size u of the aux-loss-free expert-bias update (0 = frozen).
+            grad_clip: clip the global gradient norm to this value (None or 0: no clipping).
             optimizer: AdamW settings.
             schedule: learning-rate schedule (WSM by default, as in the Ling 2.0 report).
             peak_flops_per_device: peak FLOP/s of one device, for MFU (none: MFU is not logged).
@@ -85,6 +87,10 @@ class LingModule(L.LightningModule):
         if bias_update_rate < 0:
             raise ConfigError(f"bias_update_rate={bias_update_rate} must be 0 or more.")
         self.bias_update_rate = bias_update_rate
+        self.grad_clip = grad_clip
+        # The step is written out (micro-batch loop, bias update, clipping) so that gradient
+        # accumulation can follow a ramped batch size and the expert biases move once per step.
+        self.automatic_optimization = False
         self.optimizer_config = optimizer or OptimizerConfig()
         self.schedule_config = schedule or ScheduleConfig()
         self.hparams["optimizer"] = dataclasses.asdict(self.optimizer_config)
@@ -93,8 +99,7 @@ class LingModule(L.LightningModule):
         self.model: LingForCausalLM | None = None
         self.expert_load = ExpertLoad()
         self.tokens_seen = 0
-        self._step_tokens = 0
-        self._step_started: float | None = None
+        self._last_step_end: float | None = None
         self._seq_len = 0
 
     # ---- model construction -----------------------------------------------------------------
@@ -122,51 +127,60 @@ class LingModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
         return self.model(input_ids, labels=labels, mtp_loss_weight=self.mtp_loss_weight)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self._step_started is None:
-            self._step_started = time.perf_counter()
-        out = self(batch["input_ids"], batch["labels"])
-        if out.tokens_per_expert is not None:
-            self.expert_load.add(out.tokens_per_expert)
-        self._seq_len = batch["input_ids"].shape[1]
-        tokens = batch["input_ids"].numel() * self.trainer.world_size
-        self._step_tokens += tokens
-        self.tokens_seen += tokens
-        self.log("train/loss", out.main_loss, prog_bar=True)
-        for k, loss in enumerate(out.mtp_losses):
-            self.log(f"train/mtp_{k + 1}_loss", loss)
-        if out.aux_loss is not None:
-            self.log("train/router_aux_loss", out.aux_loss)
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """One optimizer step over all micro-batches of the batch ([micro-batches, rows, seq_len])."""
+        if self._last_step_end is None:
+            self._last_step_end = time.perf_counter()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        inputs, labels = batch["input_ids"], batch["labels"]
+        micro_batches = inputs.shape[0]
+        losses = []
+        for i in range(micro_batches):
+            out = self(inputs[i], labels[i])
+            self.manual_backward(out.loss / micro_batches)
+            if out.tokens_per_expert is not None:
+                self.expert_load.add(out.tokens_per_expert)
+            losses.append(torch.stack([out.main_loss, *out.mtp_losses]).detach())
+        self._balance_experts()
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip if self.grad_clip else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        step_losses = torch.stack(losses).mean(0)
+        self.log("train/loss", step_losses[0], prog_bar=True)
+        for k in range(1, len(step_losses)):
+            self.log(f"train/mtp_{k}_loss", step_losses[k])
+        self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.log("train/lr", scheduler.get_last_lr()[0])
+        self.log("train/micro_batches", float(micro_batches))
+        self._seq_len = inputs.shape[-1]
+        step_tokens = inputs.numel() * self.trainer.world_size
+        self.tokens_seen += step_tokens
         self.log("train/tokens", float(self.tokens_seen))
-        return out.loss
+        self._log_throughput(step_tokens)
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def _balance_experts(self) -> None:
         counts = self.expert_load.reduce()
-        if counts is not None:
-            if self.bias_update_rate > 0:
-                for moe, layer_counts in zip(self.model.moe_layers(), counts, strict=True):
-                    update_expert_bias(moe.gate.expert_bias, layer_counts, self.bias_update_rate)
-            violation = max_violation(counts)
-            self.log("load/max_violation_mean", violation.mean())
-            self.log("load/max_violation_max", violation.max())
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        self._log_throughput()
-
-    def _log_throughput(self) -> None:
-        if self._step_started is None:
+        if counts is None:
             return
-        elapsed = time.perf_counter() - self._step_started
-        tokens_per_second = self._step_tokens / max(elapsed, 1e-9)
+        if self.bias_update_rate > 0:
+            for moe, layer_counts in zip(self.model.moe_layers(), counts, strict=True):
+                update_expert_bias(moe.gate.expert_bias, layer_counts, self.bias_update_rate)
+        violation = max_violation(counts)
+        self.log("load/max_violation_mean", violation.mean())
+        self.log("load/max_violation_max", violation.max())
+
+    def _log_throughput(self, step_tokens: int) -> None:
+        """Tokens/s over the whole step, data loading included; MFU when the device peak is known."""
+        now = time.perf_counter()
+        tokens_per_second = step_tokens / max(now - self._last_step_end, 1e-9)
+        self._last_step_end = now
         self.log("tok_s", tokens_per_second, prog_bar=True)
         if self.peak_flops_per_device:
             flops = training_flops_per_token(self.config, self._seq_len)
             per_device = tokens_per_second / self.trainer.world_size
             self.log("mfu", per_device * flops / self.peak_flops_per_device, prog_bar=True)
-        self._step_tokens = 0
-        self._step_started = None
 
     def on_train_end(self) -> None:
         metrics = self.trainer.callback_metrics

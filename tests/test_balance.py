@@ -50,7 +50,8 @@ class RecordBatches(L.Callback):
         self.batches = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append({k: v.clone() for k, v in batch.items()})
+        for i in range(batch["input_ids"].shape[0]):
+            self.batches.append({k: v[i].clone() for k, v in batch.items()})
 
 
 def test_bias_updated_once_per_step_from_all_micro_batches(tmp_path):
@@ -62,7 +63,6 @@ def test_bias_updated_once_per_step_from_all_micro_batches(tmp_path):
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=1,
-        accumulate_grad_batches=3,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -71,7 +71,7 @@ def test_bias_updated_once_per_step_from_all_micro_batches(tmp_path):
         limit_val_batches=0,
         default_root_dir=tmp_path,
     )
-    trainer.fit(module, datamodule=LingDataModule(seq_len=32, micro_batch_size=4))
+    trainer.fit(module, datamodule=LingDataModule(seq_len=32, micro_batch_size=4, global_batch_size=12))
     assert len(recorder.batches) == 3
     # Recount the routing of the step's three micro-batches with the initial weights.
     with torch.no_grad():

@@ -15,16 +15,14 @@ class RecordLosses(L.Callback):
         self.losses, self.inputs = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
-        self.inputs.append(batch["input_ids"][:, :4].clone())
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+        self.inputs.append(batch["input_ids"][..., :4].clone())
 
 
 def make_trainer(tmp_path, max_steps, callbacks):
     return L.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
-        accumulate_grad_batches=2,
-        gradient_clip_val=1.0,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -41,7 +39,7 @@ def make_module():
 
 
 def data():
-    return LingDataModule(seq_len=32, micro_batch_size=4, seed=7)
+    return LingDataModule(seq_len=32, micro_batch_size=4, global_batch_size=8, seed=7)
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -60,7 +58,8 @@ def test_resume_continues_exactly(tmp_path):
     module_resumed = make_module()
     make_trainer(tmp_path / "b", 6, [second]).fit(module_resumed, datamodule=data(), ckpt_path=saved)
 
-    assert len(full.losses) == 12 and len(first.losses) == 6 and len(second.losses) == 6
+    assert len(full.losses) == 6 and len(first.losses) == 3 and len(second.losses) == 3
+    assert full.inputs[0].shape == (2, 4, 4)  # two micro-batches of four rows per step
     for a, b in zip(full.inputs, first.inputs + second.inputs, strict=True):
         assert torch.equal(a, b)  # the resumed run reads the next unseen batches
     assert first.losses + second.losses == full.losses
