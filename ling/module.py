@@ -114,6 +114,13 @@ class LingModule(L.LightningModule):
             self.model = model.to_empty(device=self.device)
             self.model.init_weights(self.init_std)
 
+    @property
+    def moe_layer_names(self) -> list[str]:
+        """Names of the MoE layers in the order of `tokens_per_expert` (decoder layers, then MTP)."""
+        config = self.config
+        names = [f"layer_{i}" for i in range(config.first_k_dense_replace, config.num_hidden_layers)]
+        return names + [f"mtp_{k}" for k in range(config.num_nextn_predict_layers)]
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None)
@@ -170,6 +177,8 @@ class LingModule(L.LightningModule):
         violation = max_violation(counts)
         self.log("load/max_violation_mean", violation.mean())
         self.log("load/max_violation_max", violation.max())
+        for layer, value in zip(self.moe_layer_names, violation, strict=True):
+            self.log(f"load/max_violation/{layer}", value)
 
     def _log_throughput(self, step_tokens: int) -> None:
         """Tokens/s over the whole step, data loading included; MFU when the device peak is known."""

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from ling.config import LingConfig
 from ling.planner import ParallelLayout
 from ling.presets import PRESETS, preset
+from ling.schedules import BatchRamp, ramp_global_batch
 
 RAMP_TOKENS = 500e9  # the report ramps the batch size over roughly the first 500B tokens
 
@@ -52,6 +54,7 @@ class Recipe:
     seq_len: int
     micro_batch: int
     layout: ParallelLayout
+    train_tokens: int = 20 * 10**12  # the report's 4K pre-training stage: 20T tokens
     model_overrides: dict = field(default_factory=dict)
     mtp_loss_weight: float = 0.1
     bias_update_rate: float = 1e-3
@@ -132,14 +135,21 @@ class Recipe:
             return 0
         return (self.global_batch - self.batch_ramp_start) // self.batch_ramp_increment
 
-    def global_batch_at(self, consumed_samples: int) -> int:
-        """The ramped global batch after `consumed_samples` sequences (Megatron's rampup rule:
-        start + increment * floor(consumed / (ramp_samples / increments)), capped at global_batch)."""
+    @property
+    def batch_ramp(self) -> BatchRamp | None:
         if self.batch_ramp_start is None:
-            return self.global_batch
-        # consumed // (samples / increments), in integers so the last increment lands exactly on time
-        steps = consumed_samples * self.ramp_increments // self.batch_ramp_samples
-        return min(self.global_batch, self.batch_ramp_start + steps * self.batch_ramp_increment)
+            return None
+        return BatchRamp(self.batch_ramp_start, self.batch_ramp_increment, self.batch_ramp_samples)
+
+    def global_batch_at(self, consumed_samples: int) -> int:
+        """The ramped global batch after `consumed_samples` sequences (Megatron's rampup rule)."""
+        return ramp_global_batch(self.batch_ramp, self.global_batch, consumed_samples)
+
+    @property
+    def max_steps(self) -> int:
+        """Optimizer steps to train on train_tokens at the full batch (the ramp's smaller early
+        batches make the real token count slightly lower)."""
+        return math.ceil(self.train_tokens / self.tokens_per_step)
 
     def with_layout(self, **changes) -> Recipe:
         """This recipe on another layout; micro_batch and seq_len changes apply to both."""

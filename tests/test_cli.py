@@ -71,7 +71,7 @@ def run_cli(*args):
 def test_print_config_shows_the_whole_run():
     result = run_cli("fit", "--config", "configs/tiny.yaml", "--print_config")
     assert result.returncode == 0, result.stderr
-    for line in ("model: tiny", "bias_update_rate: 0.001", "name: wsm", "corpus: pydoc", "max_steps: 2000"):
+    for line in ("model: tiny", "bias_update_rate: 0.001", "name: wsm", "corpus: pydoc", "max_steps: 1000"):
         assert line in result.stdout
 
 

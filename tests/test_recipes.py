@@ -62,7 +62,7 @@ def test_layouts():
     assert (get_recipe("mini").layout.world, get_recipe("mini").layout.ep) == (16, 8)
     assert (get_recipe("flash").layout.world, get_recipe("flash").layout.ep) == (144, 8)
     assert (get_recipe("1t").layout.world, get_recipe("1t").layout.ep) == (1008, 16)
-    assert get_recipe("tiny").accumulate_grad_batches == 4 and get_recipe("tiny").batch_ramp_start is None
+    assert get_recipe("tiny").accumulate_grad_batches == 2 and get_recipe("tiny").batch_ramp_start is None
 
 
 def test_errors():
@@ -74,7 +74,7 @@ def test_errors():
     with pytest.raises(RecipeError, match=r"global_batch=4400 is not a multiple of 32"):
         _ = recipe.accumulate_grad_batches
     base = get_recipe("tiny")
-    with pytest.raises(RecipeError, match=r"must equal the recipe's micro_batch=4"):
+    with pytest.raises(RecipeError, match=r"must equal the recipe's micro_batch=8"):
         dataclasses.replace(base, layout=ParallelLayout(nodes=1, gpus_per_node=1, ep=1, seq_len=128))
     with pytest.raises(RecipeError, match=r"reach it in whole increments"):
         dataclasses.replace(get_recipe("mini"), batch_ramp_increment=1000)
@@ -101,3 +101,23 @@ def test_plan_cli(capsys):
     with pytest.raises(SystemExit):
         main(["mini", "--ep", "3"])
     assert "ep=3 must divide dp_shard=16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_configs_are_generated_from_the_recipes(name):
+    """configs/<name>.yaml is exactly what the recipe renders, and says what the recipe says."""
+    import yaml
+
+    from recipes.export import config_path, render
+
+    recipe = RECIPES[name]
+    path = config_path(recipe)
+    assert path.read_text() == render(recipe), f"run `python -m recipes.export {name}`"
+    config = yaml.safe_load(path.read_text())
+    assert config["model"]["optimizer"]["lr"] == recipe.peak_lr
+    assert config["model"]["schedule"] == {"name": "wsm", "warmup_steps": recipe.warmup_steps}
+    assert config["model"]["mtp_loss_weight"] == 0.1 and config["model"]["init_std"] == 0.006
+    assert config["model"]["bias_update_rate"] == 1e-3
+    assert config["data"]["global_batch_size"] == recipe.global_batch
+    assert config["data"]["seq_len"] == recipe.seq_len
+    assert config["trainer"]["num_nodes"] * config["trainer"]["devices"] == recipe.layout.world

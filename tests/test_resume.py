@@ -1,6 +1,7 @@
 """A run resumed from a mid-run checkpoint continues exactly as the uninterrupted run."""
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -68,3 +69,21 @@ def test_resume_continues_exactly(tmp_path):
     ):
         assert torch.equal(a, b), name
     assert module_resumed.tokens_seen == module_full.tokens_seen == 6 * 2 * 4 * 32
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "weights": torch.arange(10)}, path)
+    good = path.read_bytes()
+
+    def crash_mid_write(obj, fh, *args, **kwargs):
+        fh.write(b"partial bytes of a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "weights": torch.arange(20)}, path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert torch.load(path, weights_only=True)["step"] == 1
