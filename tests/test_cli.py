@@ -10,9 +10,11 @@ import torch
 import yaml
 
 import train
-from ling.checkpoint import load_pretrained
+from ling import preset
+from ling.checkpoint import load_pretrained, save_pretrained
 from ling.config import ConfigError
 from ling.data.module import LingDataModule
+from ling.model import build_model
 from ling.module import LingModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,3 +89,35 @@ def test_bad_settings_fail_with_one_sentence(override, message):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(message)
     assert "Traceback" not in result.stderr
+
+
+def test_unreadable_yaml_is_refused_before_training(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: [\n  unclosed")
+    result = run_cli("fit", "--config", str(bad))
+    assert result.returncode == 2
+    assert "error: Problems parsing config" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_continued_pretraining_starts_from_the_hf_checkpoint(tmp_path):
+    torch.manual_seed(3)
+    source = build_model(preset("tiny"))
+    save_pretrained(source, tmp_path / "hf")
+    module = LingModule(pretrained=str(tmp_path / "hf"), model="ignored-when-pretrained")
+    module.configure_model()
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(module.model(ids).logits, source(ids).logits)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=LingDataModule(seq_len=32, micro_batch_size=2))
+    assert trainer.global_step == 2
+    with pytest.raises(ConfigError, match="not a Hugging Face checkpoint folder"):
+        LingModule(pretrained=str(tmp_path / "missing"))
