@@ -159,6 +159,29 @@ class Recipe:
         return dataclasses.replace(self, layout=layout, micro_batch=micro_batch, seq_len=seq_len)
 
 
+def report_recipe(name: str, peak_lr: float, global_batch: int, nodes: int, ep: int) -> Recipe:
+    """A real-size recipe as the Ling 2.0 report trains it: 4,096-token sequences, 2,000 warmup steps,
+    the batch ramped from 3,024 over ~500B tokens, on `nodes` x 8 H100-80GB with full activation
+    checkpointing and micro-batch 1. The ramp increment is the rank count, so every ramp batch is a
+    whole number of micro-batches per rank (accumulation grows by one per increment)."""
+    seq_len, micro_batch = 4096, 1
+    layout = ParallelLayout(nodes=nodes, ep=ep, activation_checkpointing="full", micro_batch=micro_batch,
+                            seq_len=seq_len)  # fmt: skip
+    return Recipe(
+        name=name,
+        preset=name,
+        peak_lr=peak_lr,
+        warmup_steps=2000,
+        global_batch=global_batch,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        layout=layout,
+        batch_ramp_start=3024,
+        batch_ramp_increment=layout.world * micro_batch,
+        batch_ramp_samples=ramp_samples(seq_len),
+    )
+
+
 from recipes.flash import FLASH  # noqa: E402
 from recipes.mini import MINI  # noqa: E402
 from recipes.one_t import ONE_T  # noqa: E402
@@ -175,4 +198,4 @@ def get_recipe(name: str) -> Recipe:
     return copy.deepcopy(RECIPES[key])
 
 
-__all__ = ["RECIPES", "Recipe", "RecipeError", "get_recipe", "ramp_samples"]
+__all__ = ["RECIPES", "Recipe", "RecipeError", "get_recipe", "ramp_samples", "report_recipe"]

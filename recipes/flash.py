@@ -10,23 +10,6 @@ sequences 37 times. 9 nodes (72 ranks) would also fit on paper (about 51 GB); 18
 the routing imbalance of early dropless training.
 """
 
-from ling.planner import ParallelLayout
-from recipes import Recipe, ramp_samples
+from recipes import report_recipe
 
-SEQ_LEN = 4096
-MICRO_BATCH = 1
-LAYOUT = ParallelLayout(nodes=18, ep=8, activation_checkpointing="full", micro_batch=MICRO_BATCH, seq_len=SEQ_LEN)
-
-FLASH = Recipe(
-    name="flash",
-    preset="flash",
-    peak_lr=2.61e-4,
-    warmup_steps=2000,
-    global_batch=8352,
-    seq_len=SEQ_LEN,
-    micro_batch=MICRO_BATCH,
-    layout=LAYOUT,
-    batch_ramp_start=3024,
-    batch_ramp_increment=LAYOUT.world * MICRO_BATCH,
-    batch_ramp_samples=ramp_samples(SEQ_LEN),
-)
+FLASH = report_recipe("flash", peak_lr=2.61e-4, global_batch=8352, nodes=18, ep=8)

@@ -10,23 +10,6 @@ throughput table measures 8/16/32 GPUs). accumulate_grad_batches = 4400 / 16 = 2
 ramp's start); the ramp adds 16 sequences (one micro-batch per rank) 86 times.
 """
 
-from ling.planner import ParallelLayout
-from recipes import Recipe, ramp_samples
+from recipes import report_recipe
 
-SEQ_LEN = 4096
-MICRO_BATCH = 1
-LAYOUT = ParallelLayout(nodes=2, ep=8, activation_checkpointing="full", micro_batch=MICRO_BATCH, seq_len=SEQ_LEN)
-
-MINI = Recipe(
-    name="mini",
-    preset="mini",
-    peak_lr=3.36e-4,
-    warmup_steps=2000,
-    global_batch=4400,
-    seq_len=SEQ_LEN,
-    micro_batch=MICRO_BATCH,
-    layout=LAYOUT,
-    batch_ramp_start=3024,
-    batch_ramp_increment=LAYOUT.world * MICRO_BATCH,
-    batch_ramp_samples=ramp_samples(SEQ_LEN),
-)
+MINI = report_recipe("mini", peak_lr=3.36e-4, global_batch=4400, nodes=2, ep=8)

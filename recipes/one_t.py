@@ -10,23 +10,6 @@ divide the rank count, and no rank count divisible by 32 divides 3,024 (= 2^4 x 
 largest that keeps every ramp batch whole. (The report trained on 2,016 GPUs with PP 21 x EP 8.)
 """
 
-from ling.planner import ParallelLayout
-from recipes import Recipe, ramp_samples
+from recipes import report_recipe
 
-SEQ_LEN = 4096
-MICRO_BATCH = 1
-LAYOUT = ParallelLayout(nodes=126, ep=16, activation_checkpointing="full", micro_batch=MICRO_BATCH, seq_len=SEQ_LEN)
-
-ONE_T = Recipe(
-    name="1t",
-    preset="1t",
-    peak_lr=1.86e-4,
-    warmup_steps=2000,
-    global_batch=18144,
-    seq_len=SEQ_LEN,
-    micro_batch=MICRO_BATCH,
-    layout=LAYOUT,
-    batch_ramp_start=3024,
-    batch_ramp_increment=LAYOUT.world * MICRO_BATCH,
-    batch_ramp_samples=ramp_samples(SEQ_LEN),
-)
+ONE_T = report_recipe("1t", peak_lr=1.86e-4, global_batch=18144, nodes=126, ep=16)
