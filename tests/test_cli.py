@@ -121,3 +121,13 @@ def test_continued_pretraining_starts_from_the_hf_checkpoint(tmp_path):
     assert trainer.global_step == 2
     with pytest.raises(ConfigError, match="not a Hugging Face checkpoint folder"):
         LingModule(pretrained=str(tmp_path / "missing"))
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
+    module = LingModule(model="tiny", model_overrides={"vocab_size": 200, "pad_token_id": 0, "eos_token_id": 0})
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
+    with pytest.raises(ConfigError, match="the tokenizer has 257 tokens but the model's vocab_size is 200"):
+        trainer.fit(module, datamodule=LingDataModule(seq_len=32, micro_batch_size=2))
+    assert module.model is None  # refused before the model was built
