@@ -5,24 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from ling.checkpoint import save_pretrained
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ling.checkpoint.hf import DTYPES
 
 
 class HFExport(L.Callback):
     def __init__(self, dirpath: str | None = None, dtype: str | None = None, max_shard_size: str = "5GB"):
         """dirpath: output folder (default: `<log dir>/hf`); dtype: float32, bfloat16 or float16."""
-        if dtype is not None and dtype not in _DTYPES:
-            raise ValueError(f"HFExport dtype={dtype!r} is not one of {sorted(_DTYPES)}.")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"HFExport dtype={dtype!r} is not one of {sorted(DTYPES)}.")
         self.dirpath, self.dtype, self.max_shard_size = dirpath, dtype, max_shard_size
         self.saved_to: Path | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "hf")
-        dtype = _DTYPES[self.dtype] if self.dtype else None
+        dtype = DTYPES[self.dtype] if self.dtype else None
         if trainer.is_global_zero:
             self.saved_to = save_pretrained(pl_module.model, folder, self.max_shard_size, dtype)
             print(f"Hugging Face checkpoint written to {folder}")

@@ -220,7 +220,6 @@ class LingConfig:
         # `partial_rotary_factor`. Absent from a config means neither was given.
         if "partial_rotary_factor" not in data:
             kwargs["partial_rotary_factor"] = None if "rotary_dim" in data else 1.0
-        kwargs.setdefault("mtp_loss_scaling_factor", 0.0)
         # A few configs store head_dim as null meaning hidden/heads.
         if kwargs.get("head_dim") is None:
             kwargs["head_dim"] = data.get("hidden_size", cls.hidden_size) // data.get(

@@ -66,15 +66,17 @@ def generate(
     stops = torch.tensor(list(stop_tokens), device=prompt.device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     generated: list[torch.Tensor] = []
-    logits = model(prompt, kv_cache=cache).logits[:, -1]
-    for _ in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p, generator)
-        generated.append(token)
-        done |= torch.isin(token, stops)
-        if bool(done.all()):
-            break
-        logits = model(token[:, None], kv_cache=cache).logits[:, -1]
-    model.train(was_training)
+    try:
+        logits = model(prompt, kv_cache=cache).logits[:, -1]
+        for _ in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            generated.append(token)
+            done |= torch.isin(token, stops)
+            if bool(done.all()):
+                break
+            logits = model(token[:, None], kv_cache=cache).logits[:, -1]
+    finally:
+        model.train(was_training)
     rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(B)]
     stop_set = set(stop_tokens)
     out = []

@@ -21,7 +21,7 @@ log = logging.getLogger("ling.checkpoint")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CheckpointError(ValueError):
@@ -96,7 +96,7 @@ def load_pretrained(
     keys = _checkpoint_keys(files)
     config = _resolve_layer_count(config, keys).replace(**config_overrides)
     if dtype is None:
-        dtype = _DTYPES.get(config.torch_dtype, torch.float32)
+        dtype = DTYPES.get(config.torch_dtype, torch.float32)
 
     with torch.device("meta"):
         model = LingForCausalLM(config)
