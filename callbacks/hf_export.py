@@ -11,17 +11,29 @@ from ling.checkpoint.hf import DTYPES
 
 
 class HFExport(L.Callback):
-    def __init__(self, dirpath: str | None = None, dtype: str | None = None, max_shard_size: str = "5GB"):
-        """dirpath: output folder (default: `<log dir>/hf`); dtype: float32, bfloat16 or float16."""
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        dtype: str | None = None,
+        max_shard_size: str = "5GB",
+        rope_scaling: dict | None = None,
+    ):
+        """dirpath: output folder (default: `<log dir>/hf`); dtype: float32, bfloat16 or float16;
+        rope_scaling: written into the exported config, e.g. YaRN to serve a longer context than
+        trained (Ling's 128K is YaRN factor 4 on its 32K training context)."""
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"HFExport dtype={dtype!r} is not one of {sorted(DTYPES)}.")
         self.dirpath, self.dtype, self.max_shard_size = dirpath, dtype, max_shard_size
+        self.rope_scaling = rope_scaling
         self.saved_to: Path | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "hf")
         dtype = DTYPES[self.dtype] if self.dtype else None
         if trainer.is_global_zero:
-            self.saved_to = save_pretrained(pl_module.model, folder, self.max_shard_size, dtype)
+            config = pl_module.model.config
+            if self.rope_scaling is not None:
+                config = config.replace(rope_scaling=dict(self.rope_scaling))
+            self.saved_to = save_pretrained(pl_module.model, folder, self.max_shard_size, dtype, config=config)
             print(f"Hugging Face checkpoint written to {folder}")
         trainer.strategy.barrier()

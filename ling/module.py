@@ -22,6 +22,7 @@ from ling.checkpoint import load_pretrained
 from ling.config import ConfigError, LingConfig
 from ling.flops import training_flops_per_token
 from ling.model import LingForCausalLM
+from ling.model.masks import document_mask
 from ling.optim import OptimizerConfig, build_optimizer
 from ling.presets import preset
 from ling.schedules import ScheduleConfig, build_scheduler
@@ -99,6 +100,9 @@ class LingModule(L.LightningModule):
         self.model: LingForCausalLM | None = None
         self.expert_load = ExpertLoad()
         self.tokens_seen = 0
+        self.source_tokens: list[int] = []  # tokens trained on per data source, over all ranks
+        self.stage: int | None = None  # the curriculum stage whose settings are applied
+        self._base_rope = (self.config.rope_theta, self.config.rope_scaling)
         self._last_step_end: float | None = None
         self._seq_len = 0
 
@@ -129,21 +133,78 @@ class LingModule(L.LightningModule):
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{self.config.vocab_size}; use a model with vocab_size >= {tokenizer.vocab_size}."
             )
+        for data_stage in getattr(datamodule, "stages", None) or []:
+            self._check_context(data_stage, data_stage.seq_len or datamodule.seq_len)
+
+    # ---- curriculum stages ----------------------------------------------------------------------
+    def _stage_rope(self, data_stage) -> tuple[float, dict | None]:
+        theta, scaling = self._base_rope
+        return (data_stage.rope_theta or theta, data_stage.rope_scaling or scaling)
+
+    def _check_context(self, data_stage, seq_len: int) -> None:
+        """A stage longer than max_position_embeddings needs rope scaling that reaches its length."""
+        _, scaling = self._stage_rope(data_stage)
+        limit = self.config.max_position_embeddings
+        if scaling and scaling.get("factor"):
+            limit = int(float(scaling["factor"]) * scaling.get("original_max_position_embeddings", limit))
+        if seq_len > limit:
+            raise ConfigError(
+                f"stage {data_stage.name!r} trains {seq_len}-token rows but the model reaches {limit} positions "
+                f"(max_position_embeddings={self.config.max_position_embeddings}, rope_scaling={scaling}); "
+                "shorten the stage or give it rope_scaling (e.g. YaRN) that covers its length."
+            )
+
+    def enter_stage(self, index: int) -> None:
+        """Apply a curriculum stage's rope, bias-update rate and learning rate to the live run.
+
+        Stage settings are absolute (unset = the run's own setting), so entering a stage after a
+        resume gives the same model and optimizer settings as reaching it in one run."""
+        data_stage = self.trainer.datamodule.stages[index]
+        theta, scaling = self._stage_rope(data_stage)
+        if (theta, scaling) != (self.config.rope_theta, self.config.rope_scaling):
+            self.model.set_rope(theta, scaling)
+            self.config = self.model.config
+        self.bias_update_rate = (
+            self.hparams.bias_update_rate if data_stage.bias_update_rate is None else data_stage.bias_update_rate
+        )
+        scheduler = self.lr_schedulers()
+        peak = self.optimizer_config.lr if data_stage.lr is None else data_stage.lr
+        scheduler.base_lrs = [peak] * len(scheduler.optimizer.param_groups)
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+        if self.stage is not None or self.trainer.global_step > 0:
+            rank_zero_info(
+                f"step {self.trainer.global_step}: stage {data_stage.name!r} (rope_theta={theta}, "
+                f"rope_scaling={scaling}, bias_update_rate={self.bias_update_rate}, lr={peak})"
+            )
+        self.stage = index
 
     # ---- training -----------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
-        return self.model(input_ids, labels=labels, mtp_loss_weight=self.mtp_loss_weight)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
+        return self.model(input_ids, labels=labels, mtp_loss_weight=self.mtp_loss_weight, **kwargs)
+
+    @staticmethod
+    def _isolation(batch: dict[str, torch.Tensor], i: int | None = None) -> dict:
+        """position_ids and the document mask of (micro-batch i of) a batch packed with isolation."""
+        if "doc_ids" not in batch:
+            return {}
+        doc_ids, positions = batch["doc_ids"], batch["position_ids"]
+        if i is not None:
+            doc_ids, positions = doc_ids[i], positions[i]
+        return {"position_ids": positions, "attn_mask": document_mask(doc_ids)}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """One optimizer step over all micro-batches of the batch ([micro-batches, rows, seq_len])."""
         if self._last_step_end is None:
             self._last_step_end = time.perf_counter()
+        if batch.get("stage", 0) != self.stage:
+            self.enter_stage(batch.get("stage", 0))
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         inputs, labels = batch["input_ids"], batch["labels"]
         micro_batches = inputs.shape[0]
         losses = []
         for i in range(micro_batches):
-            out = self(inputs[i], labels[i])
+            out = self(inputs[i], labels[i], **self._isolation(batch, i))
             self.manual_backward(out.loss / micro_batches)
             if out.tokens_per_expert is not None:
                 self.expert_load.add(out.tokens_per_expert)
@@ -165,7 +226,22 @@ class LingModule(L.LightningModule):
         step_tokens = inputs.numel() * self.trainer.world_size
         self.tokens_seen += step_tokens
         self.log("train/tokens", float(self.tokens_seen))
+        self.log("data/stage", float(self.stage))
+        self._log_shares(batch.get("source_rows"), inputs.shape[-1])
         self._log_throughput(step_tokens)
+
+    def _log_shares(self, source_rows: torch.Tensor | None, seq_len: int) -> None:
+        """The share of all tokens trained so far that came from each source (all ranks)."""
+        names = getattr(self.trainer.datamodule, "source_names", None)
+        if source_rows is None or not names:
+            return
+        if len(self.source_tokens) != len(names):
+            self.source_tokens = [0] * len(names)
+        for j, rows in enumerate(source_rows.tolist()):
+            self.source_tokens[j] += rows * seq_len
+        total = max(sum(self.source_tokens), 1)
+        for name, tokens in zip(names, self.source_tokens, strict=True):
+            self.log(f"data/share/{name}", tokens / total)
 
     def _balance_experts(self) -> None:
         counts = self.expert_load.reduce()
@@ -200,8 +276,12 @@ class LingModule(L.LightningModule):
         rank_zero_info(f"finished at step {self.trainer.global_step}: " + ", ".join(parts))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.model(batch["input_ids"], labels=batch["labels"])
-        self.log("val/loss", out.main_loss, prog_bar=True, sync_dist=True)
+        out = self.model(batch["input_ids"], labels=batch["labels"], **self._isolation(batch))
+        rows = batch["input_ids"].shape[0]
+        self.log("val/loss", out.main_loss, prog_bar=True, sync_dist=True, batch_size=rows)
+        names = getattr(self.trainer.datamodule, "source_names", None)
+        if names and "source" in batch and len(names) > 1:
+            self.log(f"val/loss/{names[batch['source']]}", out.main_loss, sync_dist=True, batch_size=rows)
         return out.main_loss
 
     def configure_optimizers(self):
@@ -212,7 +292,11 @@ class LingModule(L.LightningModule):
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ling"] = {"tokens_seen": self.tokens_seen, "config": self.config.to_hf()}
+        checkpoint["ling"] = {
+            "tokens_seen": self.tokens_seen,
+            "source_tokens": list(self.source_tokens),
+            "config": self.config.to_hf(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("ling")
@@ -227,6 +311,7 @@ class LingModule(L.LightningModule):
                 f"{k}={ours[k]!r}; resume with the same model settings."
             )
         self.tokens_seen = saved["tokens_seen"]
+        self.source_tokens = list(saved.get("source_tokens", []))
 
 
 _SHAPE_FIELDS = {

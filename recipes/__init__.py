@@ -21,6 +21,9 @@ import math
 from dataclasses import dataclass, field
 
 from ling.config import LingConfig
+from ling.data.curriculum import Curriculum, Stage
+from ling.data.errors import DataError
+from ling.data.sources import SourceSpec
 from ling.planner import ParallelLayout
 from ling.presets import PRESETS, preset
 from ling.schedules import BatchRamp, ramp_global_batch
@@ -66,6 +69,11 @@ class Recipe:
     batch_ramp_start: int | None = None
     batch_ramp_increment: int | None = None
     batch_ramp_samples: int | None = None
+    tokenizer: str = "byte"
+    sources: dict[str, SourceSpec] = field(default_factory=lambda: {"pydoc": SourceSpec("pydoc")})
+    stages: list[Stage] = field(default_factory=list)
+    batch_mode: str = "tokens"
+    export_rope_scaling: dict | None = None  # written into the exported HF config (context extension at inference)
 
     def __post_init__(self) -> None:
         if self.preset.lower() not in PRESETS:
@@ -92,6 +100,22 @@ class Recipe:
                     f"recipe {self.name!r}: the batch ramp must start below global_batch={self.global_batch} and "
                     f"reach it in whole increments, but start={start} with increment={inc} does not."
                 )
+        if self.stages:
+            budgets = sum(stage.tokens or 0 for stage in self.stages)
+            if budgets > self.train_tokens:
+                raise RecipeError(
+                    f"recipe {self.name!r}: the stages' token budgets add up to {budgets:,}, more than "
+                    f"train_tokens={self.train_tokens:,}."
+                )
+
+    def curriculum(self) -> Curriculum:
+        """The data plan on this recipe's layout; every stage's batch must be whole micro-batches per rank."""
+        try:
+            return Curriculum(self.stages or [Stage(seq_len=self.seq_len)], list(self.sources), self.seq_len,
+                              self.micro_batch, self.global_batch, self.batch_ramp, self.layout.world,
+                              self.batch_mode)  # fmt: skip
+        except DataError as err:
+            raise RecipeError(f"recipe {self.name!r}: {err}") from None
 
     # ---- derived values -----------------------------------------------------------------------
     def config(self) -> LingConfig:
@@ -159,6 +183,43 @@ class Recipe:
         return dataclasses.replace(self, layout=layout, micro_batch=micro_batch, seq_len=seq_len)
 
 
+LONG_SEQ_LEN = 32768
+YARN_128K = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": LONG_SEQ_LEN}
+REPORT_SOURCES = {
+    "general": SourceSpec("data/general"),
+    "reasoning": SourceSpec("data/reasoning"),
+    "long": SourceSpec("data/long"),
+    "cot": SourceSpec("data/cot"),
+}
+
+
+def report_stages(global_batch: int, seq_len: int, ranks: int) -> list[Stage]:
+    """The Ling 2.0 report's data plan (its §3.2 and Figure 5).
+
+    Pre-training at 4K: two 10T-token stages with 68/32 then 54/46 general/reasoning data. Context
+    extension: 150B tokens at 32K in which 20% of the sequences come from long documents and the
+    rest keeps the previous mixture; the router bias-update rate drops to 1e-4 from here. Reasoning
+    pre-activation: 600B tokens of 55/45 general / chain-of-thought data (the report raises the LR
+    here but gives no value, so the stage keeps the run's LR; set the stage's `lr` to change it).
+    128K comes from YaRN at inference (factor 4 on 32K), written into the exported config.
+
+    The 32K stages keep the tokens per step, rounded down to whole micro-batches on `ranks` ranks.
+    """
+    long_rows = global_batch * seq_len // LONG_SEQ_LEN // ranks * ranks
+    return [
+        Stage("pretrain_1", tokens=10 * 10**12, seq_len=seq_len, mixture={"general": 0.68, "reasoning": 0.32}),
+        Stage("pretrain_2", tokens=10 * 10**12, seq_len=seq_len, mixture={"general": 0.54, "reasoning": 0.46}),
+        Stage(
+            "long_context", tokens=150 * 10**9, seq_len=LONG_SEQ_LEN, global_batch_size=long_rows,
+            mixture={"general": 0.432, "reasoning": 0.368, "long": 0.2}, bias_update_rate=1e-4,  # 0.8 x (54/46)
+        ),
+        Stage(
+            "reasoning", tokens=600 * 10**9, seq_len=LONG_SEQ_LEN, global_batch_size=long_rows,
+            mixture={"general": 0.55, "cot": 0.45}, bias_update_rate=1e-4,
+        ),
+    ]  # fmt: skip
+
+
 def report_recipe(name: str, peak_lr: float, global_batch: int, nodes: int, ep: int) -> Recipe:
     """A real-size recipe as the Ling 2.0 report trains it: 4,096-token sequences, 2,000 warmup steps,
     the batch ramped from 3,024 over ~500B tokens, on `nodes` x 8 H100-80GB with full activation
@@ -167,7 +228,13 @@ def report_recipe(name: str, peak_lr: float, global_batch: int, nodes: int, ep: 
     seq_len, micro_batch = 4096, 1
     layout = ParallelLayout(nodes=nodes, ep=ep, activation_checkpointing="full", micro_batch=micro_batch,
                             seq_len=seq_len)  # fmt: skip
+    stages = report_stages(global_batch, seq_len, layout.world)
     return Recipe(
+        train_tokens=sum(stage.tokens for stage in stages),
+        tokenizer=f"checkpoints/Ling-{name}-2.0",
+        sources=copy.deepcopy(REPORT_SOURCES),
+        stages=stages,
+        export_rope_scaling=dict(YARN_128K),
         name=name,
         preset=name,
         peak_lr=peak_lr,

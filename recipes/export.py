@@ -7,6 +7,7 @@ from the recipe (tests/test_recipes.py regenerates every file and compares).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import yaml
@@ -31,7 +32,10 @@ def _callbacks(recipe: Recipe, every: int) -> list[dict]:
             "init_args": {"every_n_train_steps": every, "save_last": True, "save_top_k": -1},
         },
         {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
-        {"class_path": "callbacks.hf_export.HFExport", "init_args": {"dtype": None if _on_cpu(recipe) else "bfloat16"}},
+        {
+            "class_path": "callbacks.hf_export.HFExport",
+            "init_args": {"dtype": None if _on_cpu(recipe) else "bfloat16", "rope_scaling": recipe.export_rope_scaling},
+        },
         {"class_path": "callbacks.sample_text.SampleText"},
     ]
     return callbacks
@@ -42,7 +46,8 @@ def _on_cpu(recipe: Recipe) -> bool:
 
 
 def stage_config(recipe: Recipe) -> dict:
-    """The train.py YAML for the recipe's pre-training stage."""
+    """The train.py YAML for the recipe's whole run (all its data stages)."""
+    recipe.curriculum()  # refuse to write a plan whose stages do not fit the layout
     cpu = _on_cpu(recipe)
     every = 500 if cpu else 1000
     out_dir = f"outputs/{recipe.name}"
@@ -78,15 +83,30 @@ def stage_config(recipe: Recipe) -> dict:
             "schedule": {"name": "wsm", "warmup_steps": recipe.warmup_steps},
         },
         "data": {
-            "corpus": "pydoc",
+            "sources": {name: _set_fields(spec) for name, spec in recipe.sources.items()},
+            "tokenizer": recipe.tokenizer,
             "seq_len": recipe.seq_len,
             "micro_batch_size": recipe.micro_batch,
             "global_batch_size": recipe.global_batch,
             "batch_ramp": None if ramp is None else {
                 "start": ramp.start, "increment": ramp.increment, "ramp_samples": ramp.ramp_samples,
             },
+            "batch_mode": recipe.batch_mode,
+            "stages": [_set_fields(stage) for stage in recipe.stages] or None,
         },
     }  # fmt: skip
+
+
+def _set_fields(obj) -> dict:
+    """A dataclass as a dict of the fields that differ from their defaults (short, readable YAML)."""
+    defaults = type(obj).__dataclass_fields__
+    out = {}
+    for name, f in defaults.items():
+        value = getattr(obj, name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if value != default or name in ("name", "path"):
+            out[name] = value
+    return out
 
 
 def render(recipe: Recipe) -> str:

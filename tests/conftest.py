@@ -1,8 +1,11 @@
 """Shared fixtures for the `ling` tests: offline environment, the tiny preset and a seeded tiny model."""
 
 import os
+import tempfile
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Tokenised sources and datasets' own caches go to a fresh folder, never the user's cache.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="ling-test-cache-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TORCHAO_FORCE_SKIP_LOADING_SO_FILES"] = "1"
 

@@ -51,7 +51,7 @@ class RecordBatches(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         for i in range(batch["input_ids"].shape[0]):
-            self.batches.append({k: v[i].clone() for k, v in batch.items()})
+            self.batches.append({k: batch[k][i].clone() for k in ("input_ids", "labels")})
 
 
 def test_bias_updated_once_per_step_from_all_micro_batches(tmp_path):

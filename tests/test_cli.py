@@ -31,6 +31,12 @@ def tiny_args(tmp_path, steps=4, *extra):
             callback["init_args"]["every_n_train_steps"] = 2
     trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("TQDMProgressBar")]
     config["data"].update(seq_len=32, micro_batch_size=2)
+    # The three stages at a quarter of the length, one step, two steps, then the rest (512 tokens per step).
+    short, long, yarn = config["data"]["stages"]
+    short.update(seq_len=32, tokens=512)
+    long.update(seq_len=64, tokens=1024)
+    yarn.update(seq_len=128)
+    yarn["rope_scaling"]["original_max_position_embeddings"] = 64
     path = tmp_path / "run.yaml"
     tmp_path.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
@@ -50,7 +56,12 @@ def test_yaml_run_writes_checkpoints_hf_export_and_sample(tmp_path, capsys, capl
     out = capsys.readouterr().out
     assert "sample: 'The " in out
     assert "finished at step 4: train/loss" in caplog.text and "unigram entropy of the data" in caplog.text
-    assert (log_dir / "metrics.csv").read_text().count("val/loss") == 1
+    header = (log_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/loss", "val/loss/shakespeare", "val/loss/arithmetic"} <= set(header)
+    shares = [float(cli.trainer.callback_metrics[f"data/share/{name}"]) for name in ("shakespeare", "arithmetic")]
+    assert sum(shares) == pytest.approx(1.0)
+    assert cli.model.stage == 2 and cli.model.config.rope_scaling["factor"] == 2.0
+    assert load_pretrained(log_dir / "hf").config.rope_scaling == cli.model.config.rope_scaling
 
 
 def test_resume_with_a_different_model_is_refused(tmp_path):
@@ -73,7 +84,7 @@ def run_cli(*args):
 def test_print_config_shows_the_whole_run():
     result = run_cli("fit", "--config", "configs/tiny.yaml", "--print_config")
     assert result.returncode == 0, result.stderr
-    for line in ("model: tiny", "bias_update_rate: 0.001", "name: wsm", "corpus: pydoc", "max_steps: 1000"):
+    for line in ("model: tiny", "bias_update_rate: 0.001", "name: wsm", "path: shakespeare", "max_steps: 1000"):
         assert line in result.stdout
 
 

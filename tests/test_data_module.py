@@ -1,80 +1,247 @@
-"""Step batches: ramped micro-batch counts, resumable positions, held-out windows, bad input."""
+"""The data module: packing, cached tokenisation, mixtures, stages, ranks, resume, loss masks, bad input."""
 
-import itertools
+import json
+import random
 
+import datasets
+import numpy as np
 import pytest
 import torch
 
-from ling.data.corpus import DataError
-from ling.data.module import BatchSchedule, LingDataModule, StepBatches
-from ling.schedules import BatchRamp
+from ling.data.curriculum import Stage
+from ling.data.errors import DataError
+from ling.data.module import LingDataModule, SourceRows, cache_files
+from ling.data.sources import SourceSpec
+from ling.data.tokenize import TokenStream, tokenize_source
+from ling.data.tokenizer import ByteTokenizer
+from ling.model.model import IGNORE_INDEX
+
+EOS = 256
 
 
-def test_ramped_schedule_by_hand():
-    # start 4, +2 per increment, target 10 over 30 samples: 3 increments, one every 10 samples.
-    # Consumed before each step: 0, 4, 8, 12, 18, 24, 32, 42 -> batches 4, 4, 4, 6, 6, 8, 10, 10.
-    schedule = BatchSchedule(10, BatchRamp(start=4, increment=2, ramp_samples=30), ranks=1, rows=2)
-    assert [schedule.micro_batches_at(s) for s in range(8)] == [2, 2, 2, 3, 3, 4, 5, 5]
-    assert [schedule.micro_batches_before(s) for s in range(8)] == [0, 2, 4, 6, 9, 12, 16, 21]
+def write_source(path, start, count=60, length=40):
+    """Random letters from chr(start)..chr(start + 25): a row tells its source (upper or lower case), and
+    16-token windows of random text are unique, so a row's content identifies the row."""
+    rng = random.Random(start)
+    docs = ["".join(chr(start + rng.randrange(26)) for _ in range(length + d % 7)) for d in range(count)]
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    return docs
 
 
-def test_schedule_rejects_partial_micro_batches():
-    with pytest.raises(DataError, match="not a whole number of micro-batches of 4 rows on 2 rank"):
-        BatchSchedule(12, None, ranks=2, rows=4)
-    with pytest.raises(DataError, match="increment=2 must be a multiple of 4"):
-        BatchSchedule(16, BatchRamp(start=8, increment=2, ramp_samples=10), ranks=2, rows=2)
-
-
-def steps(start_step, count, rank=0):
-    tokens = torch.arange(5000) % 251
-    schedule = BatchSchedule(10, BatchRamp(start=4, increment=2, ramp_samples=30), ranks=1, rows=2)
-    stream = StepBatches(tokens, 16, 2, seed=3, rank=rank, start_step=start_step, schedule=schedule)
-    return list(itertools.islice(iter(stream), count))
-
-
-def test_step_batches_follow_the_ramp_and_resume_mid_ramp():
-    full = steps(0, 7)
-    assert [b["input_ids"].shape for b in full] == [(n, 2, 16) for n in (2, 2, 2, 3, 3, 4, 5)]
-    for batch in full:
-        assert torch.equal(batch["labels"][..., :-1], batch["input_ids"][..., 1:])
-    resumed = steps(4, 3)
-    for a, b in zip(full[4:], resumed, strict=True):
-        assert torch.equal(a["input_ids"], b["input_ids"])
-
-
-def test_ranks_read_different_rows():
-    a, b = steps(0, 3, rank=0), steps(0, 3, rank=1)
-    assert all(not torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
-
-
-def test_validation_windows_are_consecutive_held_out_text():
-    data = LingDataModule(seq_len=64, micro_batch_size=4, val_batches=2)
+def make(tmp_path, ranks=None, **kwargs):
+    sources = {"low": SourceSpec(str(tmp_path / "low.jsonl")), "high": SourceSpec(str(tmp_path / "high.jsonl"))}
+    if not (tmp_path / "low.jsonl").exists():
+        write_source(tmp_path / "low.jsonl", 65)
+        write_source(tmp_path / "high.jsonl", 97)
+    settings = dict(sources=sources, seq_len=16, micro_batch_size=2, global_batch_size=8, val_fraction=0.1, seed=5)
+    settings["cache_dir"] = str(tmp_path / "cache")
+    data = LingDataModule(**{**settings, **kwargs})
+    if ranks is not None:
+        data.trainer = type("T", (), {"world_size": ranks, "global_rank": 0, "global_step": 0})()
     data.setup("fit")
+    return data
+
+
+def source_of(row: torch.Tensor) -> str:
+    text = row[row != EOS]
+    return "low" if int(text[0]) < 97 else "high"
+
+
+def test_packing_covers_every_token_once_in_order():
+    stream_ids = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    tokenized = datasets.Dataset.from_dict({"input_ids": [ids + [EOS] for ids in stream_ids]})
+    stream = TokenStream(tokenized)
+    flat = [t for ids in stream_ids for t in ids + [EOS]]
+    assert stream.read(0, len(stream)).tolist() == flat
+    rows = SourceRows("s", stream, end=len(stream))
+    n = rows.count(3)
+    got = rows.rows(np.arange(n), 3, key=1)
+    # One epoch visits every row once, in a shuffled order; sorted by offset the labels are the stream.
+    got = got[np.argsort([flat.index(int(r[0])) if r[0] != EOS else flat.index(int(r[1])) - 1 for r in got])]
+    assert np.array_equal(got[:, :-1].reshape(-1), np.array(flat[: n * 3]))
+    assert np.array_equal(got[:, 1:].reshape(-1), np.array(flat[1 : n * 3 + 1]))
+
+
+def test_tokenisation_is_cached(tmp_path):
+    data = datasets.Dataset.from_dict({"text": ["alpha beta", "gamma"]})
+    data._fingerprint = "fixed-source"
+
+    class Counting(ByteTokenizer):
+        calls = 0
+
+        def encode_batch(self, texts):
+            Counting.calls += len(texts)
+            return super().encode_batch(texts)
+
+    first = tokenize_source("s", data, Counting(), cache_dir=tmp_path)
+    assert Counting.calls == 2 and len(cache_files(tmp_path)) == 1
+    second = tokenize_source("s", data, Counting(), cache_dir=tmp_path)
+    assert Counting.calls == 2  # read back, not tokenised again
+    assert second["input_ids"] == first["input_ids"] == [list(b"alpha beta") + [EOS], list(b"gamma") + [EOS]]
+
+
+def test_data_module_second_setup_reads_the_cache(tmp_path):
+    make(tmp_path)
+    files = {p: p.stat().st_mtime_ns for p in cache_files(tmp_path / "cache")}
+    assert len(files) == 2
+    again = make(tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in cache_files(tmp_path / "cache")} == files
+    assert again.step_batch(0, 0)["input_ids"].shape == (4, 2, 16)
+
+
+def test_two_ranks_read_disjoint_rows_that_make_up_the_step(tmp_path):
+    one = make(tmp_path)
+    two = make(tmp_path, ranks=2)
+    for step in range(3):
+        whole = one.step_batch(step, 0)["input_ids"].reshape(-1, 16)
+        parts = [two.step_batch(step, r)["input_ids"] for r in (0, 1)]
+        assert parts[0].shape == (2, 2, 16)  # 8 rows = 2 micro-batches x 2 rows x 2 ranks
+        a, b = ({tuple(x.tolist()) for x in p.reshape(-1, 16)} for p in parts)
+        assert not a & b
+        assert a | b == {tuple(x.tolist()) for x in whole}
+
+
+def test_mixture_shares_follow_the_weights(tmp_path):
+    data = make(tmp_path, mixture={"low": 3.0, "high": 1.0}, global_batch_size=16)
+    counted = {"low": 0, "high": 0}
+    claimed = torch.zeros(2, dtype=torch.long)
+    for step in range(60):
+        batch = data.step_batch(step, 0)
+        claimed += batch["source_rows"]
+        for row in batch["input_ids"].reshape(-1, 16):
+            counted[source_of(row)] += 1
+    assert claimed.tolist() == [counted["low"], counted["high"]]  # the logged counts are the rows read
+    share = counted["low"] / 960
+    assert abs(share - 0.75) < 0.06  # binomial std 0.014 at n = 960
+
+
+def test_stage_switch_changes_length_and_mixture_at_the_exact_step(tmp_path):
+    stages = [
+        Stage("short", tokens=300, seq_len=16, mixture={"low": 1.0}),
+        Stage("long", seq_len=32, mixture={"high": 1.0}),
+    ]
+    data = make(tmp_path, stages=stages)
+    # 8 x 16 = 128 tokens per step: 300 tokens are reached after 3 steps.
+    batches = [data.step_batch(s, 0) for s in range(5)]
+    assert [b["stage"] for b in batches] == [0, 0, 0, 1, 1]
+    assert [b["input_ids"].shape for b in batches] == [(4, 2, 16)] * 3 + [(4, 1, 32)] * 2
+    assert {source_of(r) for b in batches[:3] for r in b["input_ids"].reshape(-1, 16)} == {"low"}
+    assert {source_of(r) for b in batches[3:] for r in b["input_ids"].reshape(-1, 32)} == {"high"}
+
+
+def test_resumed_stream_continues_across_a_stage_boundary(tmp_path):
+    stages = [Stage("a", steps=3), Stage("b", seq_len=32, mixture={"low": 1.0, "high": 2.0})]
+    full = make(tmp_path, stages=stages)
+    expected = [full.step_batch(s, 0) for s in range(6)]
+    resumed = make(tmp_path, stages=stages)
+    resumed.load_state_dict({"steps": 2, "seed": 5})
+    stream = iter(resumed.train_dataloader())
+    for step in range(2, 6):
+        got = next(stream)
+        assert got["stage"] == expected[step]["stage"]
+        assert torch.equal(got["input_ids"], expected[step]["input_ids"])
+        assert torch.equal(got["labels"], expected[step]["labels"])
+
+
+def test_eos_is_a_target_and_only_the_next_document_start_is_masked(tmp_path):
+    data = make(tmp_path, global_batch_size=64)
+    batch = data.step_batch(0, 0)
+    inputs, labels = batch["input_ids"], batch["labels"]
+    after_eos = inputs == EOS
+    assert after_eos.any() and (labels[after_eos] == IGNORE_INDEX).all()
+    assert (labels[~after_eos] != IGNORE_INDEX).all()
+    assert (labels == EOS).any()  # EOS is predicted, never treated as padding
+    unmasked = make(tmp_path, eod_mask_loss=False, global_batch_size=64).step_batch(0, 0)
+    assert (unmasked["labels"] != IGNORE_INDEX).all()
+    assert torch.equal(unmasked["labels"][..., :-1], unmasked["input_ids"][..., 1:])
+
+
+def test_document_isolation_adds_positions_and_document_ids(tmp_path):
+    batch = make(tmp_path, document_isolation=True, global_batch_size=64).step_batch(0, 0)
+    assert (batch["position_ids"] == 0).sum() > 64  # rows hold several documents
+    for row, doc, pos in zip(batch["input_ids"].reshape(-1, 16), batch["doc_ids"].reshape(-1, 16),
+                             batch["position_ids"].reshape(-1, 16)):  # fmt: skip
+        expected_doc, expected_pos, d, p = [], [], 0, 0
+        for token in row.tolist():  # by hand: a new document (position 0) starts after each EOS
+            expected_doc.append(d)
+            expected_pos.append(p)
+            d, p = (d + 1, 0) if token == EOS else (d, p + 1)
+        assert doc.tolist() == expected_doc and pos.tolist() == expected_pos
+
+
+def test_validation_is_each_sources_held_out_tail(tmp_path):
+    data = make(tmp_path, val_batches=2)
     batches = list(data.val_dataloader())
-    assert len(batches) == 2 and batches[0]["input_ids"].shape == (4, 64)
-    flat = torch.cat([b["input_ids"].flatten() for b in batches])
-    assert torch.equal(flat, data.val_tokens[: flat.numel()])
-    assert data.train_tokens.numel() + data.val_tokens.numel() == len(data.tokenizer.encode(_pydoc()))
+    assert [b["source"] for b in batches] == [0, 0, 1, 1]
+    for index, (stream, split) in enumerate(data.val_streams):
+        mine = [b for b in batches if b["source"] == index]
+        flat = torch.cat([b["input_ids"].reshape(-1) for b in mine])
+        assert torch.equal(flat, torch.from_numpy(stream.read(split, flat.numel())))
+    halves = [list(make(tmp_path, ranks=2, val_batches=2).val_dataloader())]
+    assert len(halves[0]) == 4 and halves[0][0]["input_ids"].shape == (2, 16)
 
 
-def _pydoc():
-    from ling.data.corpus import pydoc_topics
+def test_bad_data_settings(tmp_path):
+    with pytest.raises(DataError, match="fewer than the 65 one row of stage 'long' needs"):
+        make(tmp_path, val_fraction=0.5, stages=[Stage("a", steps=1), Stage("long", seq_len=64, mixture={"low": 1})],
+             sources={"low": SourceSpec(str(tmp_path / "short.jsonl"))}) if write_short(tmp_path) else None  # fmt: skip
+    with pytest.raises(DataError, match="val_fraction=1.5 must be between 0 and 1"):
+        LingDataModule(val_fraction=1.5)
+    with pytest.raises(DataError, match="stage 'a' mixes source 'nope'"):
+        make(tmp_path, stages=[Stage("a", mixture={"nope": 1.0})])
 
-    return pydoc_topics()
+
+def write_short(tmp_path):
+    (tmp_path / "short.jsonl").write_text(json.dumps({"text": "x" * 70}) + "\n")
+    return True
 
 
-def test_bad_corpus_and_lengths(tmp_path):
-    with pytest.raises(DataError, match="neither a bundled corpus"):
-        LingDataModule(corpus=str(tmp_path / "absent.txt")).setup("fit")
-    empty = tmp_path / "empty.txt"
-    empty.write_text("  \n")
-    with pytest.raises(DataError, match="is empty"):
-        LingDataModule(corpus=str(empty)).setup("fit")
-    short = tmp_path / "short.txt"
-    short.write_text("a few words only")
-    with pytest.raises(DataError, match="fewer than seq_len \\+ 1 = 129"):
-        LingDataModule(corpus=str(short)).setup("fit")
-    binary = tmp_path / "binary.txt"
-    binary.write_bytes(b"\xff\xfe\x00abc")
-    with pytest.raises(DataError, match="not UTF-8"):
-        LingDataModule(corpus=str(binary)).setup("fit")
+def ling_like_tokenizer(folder):
+    """A word-level HF tokenizer whose EOS and pad are the same added token `<|endoftext|>`, as in Ling's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "user assistant : what is two plus two ? four three".split()
+    vocab = {w: i for i, w in enumerate(["<unk>", *sorted(set(words))])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.add_special_tokens(["<|endoftext|>"])
+    folder.mkdir()
+    raw.save(str(folder / "tokenizer.json"))
+    template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    config = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "chat_template": template}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return raw.token_to_id("<|endoftext|>")
+
+
+def test_chat_source_with_a_tokenizer_whose_eos_is_its_pad(tmp_path):
+    eos = ling_like_tokenizer(tmp_path / "tok")
+    chats = [
+        {"messages": [{"role": "user", "content": "what is two plus two ?"}, {"role": "assistant", "content": a}]}
+        for a in ("four", "three") * 40
+    ]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    data = LingDataModule(
+        sources={"chat": SourceSpec(str(tmp_path / "chat.jsonl"), messages_field="messages")},
+        tokenizer=str(tmp_path / "tok"),
+        seq_len=16,
+        micro_batch_size=2,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    assert data.tokenizer.eos_token_id == data.tokenizer.pad_token_id == eos == 11  # after <unk> and 10 words
+    data.setup("fit")
+    tok = data.tokenizer
+    rendered = tok.encode("user : what is two plus two ? assistant : four") + [eos]
+    stream = data.train_rows[0].stream.read(0, len(rendered))
+    assert stream.tolist() == rendered  # the chat template's text, then EOS
+    batch = data.step_batch(0, 0)
+    inputs, labels = batch["input_ids"], batch["labels"]
+    assert (labels == eos).sum() == (inputs[..., 1:] == eos).sum() + (labels[..., -1] == eos).sum()
+    assert (labels == eos).any() and (labels[inputs == eos] == IGNORE_INDEX).all()
+
+
+def test_tokenising_in_worker_processes_gives_the_same_ids(tmp_path):
+    data = datasets.Dataset.from_dict({"text": [f"document number {i} " * (i % 5 + 1) for i in range(40)]})
+    one = tokenize_source("s", data, ByteTokenizer(), cache_dir=tmp_path / "a")
+    two = tokenize_source("s", data, ByteTokenizer(), cache_dir=tmp_path / "b", num_proc=2)
+    assert one["input_ids"] == two["input_ids"]
+    assert one["input_ids"][3] == list(b"document number 3 " * 4) + [EOS]

@@ -37,6 +37,31 @@ def test_shared_training_settings(name):
     assert recipe.global_batch % per_step == 0
     assert recipe.accumulate_grad_batches * per_step == recipe.global_batch
     assert plan_memory(recipe.config(), recipe.layout).fits
+    curriculum = recipe.curriculum()  # every stage is whole micro-batches per rank on the layout
+    assert curriculum.plan(0).global_rows == (recipe.batch_ramp_start or recipe.global_batch)
+
+
+@pytest.mark.parametrize("name", ["mini", "flash", "1t"])
+def test_report_data_plan(name):
+    """The report's stages: 2 x 10T at 4K (68/32 then 54/46), 150B at 32K with 20% long sequences and
+    the lower bias-update rate, 600B of reasoning data, and YaRN x4 on 32K written at export."""
+    recipe = get_recipe(name)
+    stages = {stage.name: stage for stage in recipe.stages}
+    assert list(stages) == ["pretrain_1", "pretrain_2", "long_context", "reasoning"]
+    assert [stages[n].tokens for n in stages] == [10**13, 10**13, 1.5 * 10**11, 6 * 10**11]
+    assert recipe.train_tokens == 20_750_000_000_000
+    assert stages["pretrain_1"].mixture == {"general": 0.68, "reasoning": 0.32}
+    assert stages["pretrain_2"].mixture == {"general": 0.54, "reasoning": 0.46}
+    long = stages["long_context"]
+    assert long.seq_len == 32768 and long.mixture["long"] == 0.2
+    assert long.mixture["general"] / long.mixture["reasoning"] == pytest.approx(54 / 46)
+    assert sum(long.mixture.values()) == pytest.approx(1.0)
+    assert long.bias_update_rate == stages["reasoning"].bias_update_rate == 1e-4
+    # 32K rows: the tokens per step of the full batch, rounded down to whole micro-batches per rank.
+    world = recipe.layout.world
+    assert long.global_batch_size % world == 0
+    assert 0 <= recipe.global_batch * 4096 - long.global_batch_size * 32768 < world * 32768
+    assert recipe.export_rope_scaling == {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 
 
 @pytest.mark.parametrize("name", ["mini", "flash", "1t"])

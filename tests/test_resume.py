@@ -6,7 +6,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ling.checkpoint.atomic import AtomicCheckpointIO
+from ling.data.curriculum import Stage
 from ling.data.module import LingDataModule
+from ling.model.rope import rope_parameters
 from ling.module import LingModule
 from ling.schedules import ScheduleConfig
 
@@ -87,3 +89,56 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     assert torch.load(path, weights_only=True)["step"] == 1
+
+
+class RecordStage(RecordLosses):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        rope = pl_module.model.model.rotary_emb
+        self.stages = getattr(self, "stages", []) + [
+            (batch["stage"], rope.config.rope_theta, rope.inv_freq.clone(), trainer.optimizers[0].param_groups[0]["lr"],
+             pl_module.bias_update_rate)
+        ]  # fmt: skip
+
+
+def staged_data():
+    stages = [
+        Stage("a", steps=2, seq_len=32),
+        Stage("b", steps=2, seq_len=64, rope_theta=50000.0, lr=5e-4, bias_update_rate=0.0),
+        Stage("c", seq_len=128, rope_scaling={"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}),
+    ]
+    return LingDataModule(seq_len=32, micro_batch_size=4, global_batch_size=8, seed=7, stages=stages)
+
+
+def test_stages_switch_at_the_exact_step_and_resume_across_a_boundary(tmp_path):
+    full = RecordStage()
+    module_full = make_module()
+    make_trainer(tmp_path / "full", 6, [full]).fit(module_full, datamodule=staged_data())
+    assert [s[0] for s in full.stages] == [0, 0, 1, 1, 2, 2]
+    assert [s[1] for s in full.stages] == [10000.0, 10000.0, 50000.0, 50000.0, 10000.0, 10000.0]
+    assert [s[4] for s in full.stages] == [0.01, 0.01, 0.0, 0.0, 0.01, 0.01]
+    # WSM with 3 warmup steps to the default peak 3e-4 (logged after each step): a stage lr replaces the peak.
+    assert [s[3] for s in full.stages] == pytest.approx([2e-4, 3e-4, 5e-4, 5e-4, 3e-4, 3e-4])
+    # The rope frequencies follow the formula for each stage's settings.
+    config = module_full.config
+    for stage, theta, inv_freq, _, _ in full.stages:
+        scaling = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64} if stage == 2 else None
+        expected, _ = rope_parameters(config.replace(rope_theta=theta, rope_scaling=scaling))
+        torch.testing.assert_close(inv_freq, expected, rtol=0, atol=0)
+    assert [x.shape for x in full.inputs] == [(2, 4, 4)] * 2 + [(2, 2, 4)] * 2 + [(2, 1, 4)] * 2
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    first = RecordStage()
+    make_trainer(tmp_path / "a", 1, [first, ckpt]).fit(make_module(), datamodule=staged_data())
+    second = RecordStage()
+    module_resumed = make_module()
+    saved = tmp_path / "ckpt" / "epoch=0-step=1.ckpt"
+    make_trainer(tmp_path / "b", 6, [second]).fit(module_resumed, datamodule=staged_data(), ckpt_path=saved)
+    for a, b in zip(full.inputs, first.inputs + second.inputs, strict=True):
+        assert torch.equal(a, b)
+    assert first.losses + second.losses == full.losses
+    assert [s[:2] for s in first.stages + second.stages] == [s[:2] for s in full.stages]
+    for (name, a), b in zip(
+        module_full.model.state_dict().items(), module_resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name

@@ -224,8 +224,11 @@ def save_pretrained(
     path: str | os.PathLike,
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | None = None,
+    config: LingConfig | None = None,
 ) -> Path:
     """Write config.json and safetensors shards (+ index when more than one) in the released layout.
+
+    `config` replaces the model's config in config.json (same shapes), e.g. to add rope scaling.
 
     Each file is written under a temporary name and renamed into place, the index and config last,
     so an interrupted save never leaves a half-written file under a final name.
@@ -264,7 +267,9 @@ def save_pretrained(
         _write_atomic(folder / INDEX_NAME, lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
     elif (folder / INDEX_NAME).exists():
         stale.append(folder / INDEX_NAME)
-    config = model.config.replace(torch_dtype=torch_dtype, num_nextn_predict_layers=len(model.model.mtp_layers))
+    config = (config or model.config).replace(
+        torch_dtype=torch_dtype, num_nextn_predict_layers=len(model.model.mtp_layers)
+    )
     _write_atomic(folder / "config.json", config.to_json_file)
     for old in stale:
         old.unlink()

@@ -1,185 +1,320 @@
-"""`LingDataModule`: windows of a tokenized corpus, delivered one optimizer step at a time.
+"""`LingDataModule`: named sources, tokenised and cached, mixed and packed per curriculum stage.
 
-Each training batch holds all micro-batches of one optimizer step for this rank, shaped
-[micro-batches, rows, seq_len], so the global batch can ramp up (more micro-batches per step)
-while Lightning sees one batch per step. Micro-batch k of rank r is a pure function of
-(seed, k, r): a resumed run continues with the next unseen batch, and the data position saved in
-a checkpoint is just the number of optimizer steps taken.
+sources -> tokenise (cached `datasets.map`) -> token stream per source -> rows of the stage's
+seq_len + 1 tokens -> one batch per optimizer step, shaped [micro-batches, rows, seq_len].
+
+Everything a step reads is a pure function of (seed, step): the stage and batch shape come from
+the curriculum, the rows drawn from each source from a seeded multinomial per step, and which rows
+from a seeded permutation of each source's rows per epoch. So a resumed run continues with the
+next unseen batch, also across a stage boundary, and the data position saved in a checkpoint is
+the number of optimizer steps taken. The rows of a step are split over the data-parallel ranks,
+so ranks never read the same row in a step.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ling.data.corpus import DataError, load_text
-from ling.data.tokenizer import ByteTokenizer
-from ling.schedules import BatchRamp, ramp_global_batch
+from ling.data.curriculum import Curriculum, Stage, StepPlan
+from ling.data.errors import DataError
+from ling.data.packing import document_ids, document_positions
+from ling.data.sampling import mixture_counts, permute, stable_key
+from ling.data.sources import SourceSpec, load_source
+from ling.data.tokenize import TokenStream, tokenize_source
+from ling.data.tokenizer import load_tokenizer
+from ling.model.model import IGNORE_INDEX
+from ling.schedules import BatchRamp
+
+_CHUNK = 1024  # steps of mixture counts drawn at once
 
 
-def unigram_entropy(tokens: torch.Tensor) -> float:
-    """Entropy (nats) of the token frequency distribution: the loss of a model that ignores context."""
-    probs = torch.bincount(tokens).double()
-    probs = probs[probs > 0] / tokens.numel()
-    return float(-(probs * probs.log()).sum())
+class SourceRows:
+    """The training part of one source's token stream, cut into rows of seq_len + 1 tokens.
+
+    Rows overlap by one token (inputs row[:-1], labels row[1:]), so consecutive rows cover every
+    token as a label once. Each epoch visits every row once, in a seeded order of its own.
+    """
+
+    def __init__(self, name: str, stream: TokenStream, end: int):
+        self.name, self.stream, self.end = name, stream, end
+
+    def count(self, seq_len: int) -> int:
+        return (self.end - 1) // seq_len
+
+    def rows(self, draws: np.ndarray, seq_len: int, key: int) -> np.ndarray:
+        """Rows for the given draw numbers: draw k reads row perm_epoch(k % n) of epoch k // n."""
+        n = self.count(seq_len)
+        out = np.empty((len(draws), seq_len + 1), dtype=np.int64)
+        epochs = draws // n
+        for epoch in np.unique(epochs):
+            at = epochs == epoch
+            rows = permute(draws[at] % n, n, stable_key(key, self.name, int(epoch)))
+            for slot, row in zip(np.flatnonzero(at), rows):
+                out[slot] = self.stream.read(int(row) * seq_len, seq_len + 1)
+        return out
 
 
-def _rng(seed: int, index: int, rank: int) -> torch.Generator:
-    # hash() of a tuple of ints is deterministic across processes (only str/bytes hashing is salted).
-    return torch.Generator().manual_seed(hash((seed, index, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+class MixturePlan:
+    """Rows per source at each step of each stage, and the draws made before it (seeded, stateless)."""
 
+    def __init__(self, curriculum: Curriculum, seed: int):
+        self.curriculum, self.seed = curriculum, seed
+        self._chunks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (stage, chunk) -> counts, before
 
-def random_windows(tokens: torch.Tensor, seq_len: int, rows: int, seed: int, index: int, rank: int) -> torch.Tensor:
-    """Micro-batch `index` of `rank`: `rows` windows of seq_len + 1 tokens at seeded random offsets."""
-    offsets = torch.randint(0, tokens.numel() - seq_len, (rows,), generator=_rng(seed, index, rank))
-    return torch.stack([tokens[o : o + seq_len + 1] for o in offsets.tolist()])
+    def _chunk(self, stage: int, chunk: int, first_step: int) -> tuple[np.ndarray, np.ndarray]:
+        if (stage, chunk) not in self._chunks:
+            before = np.zeros(len(self.curriculum.sources), dtype=np.int64)
+            if chunk > 0:
+                counts, prev = self._chunk(stage, chunk - 1, first_step)
+                before = prev[-1] + counts[-1]
+            rows = []
+            for u in range(chunk * _CHUNK, (chunk + 1) * _CHUNK):
+                plan = self.curriculum.plan(first_step + u)
+                if plan.stage != stage:
+                    break
+                rows.append(plan.global_rows)
+            key = stable_key(self.seed, "mixture", stage, chunk)
+            counts = mixture_counts(np.array(rows), np.array(self.curriculum.weights[stage]), key)
+            self._chunks[(stage, chunk)] = (counts, before + np.cumsum(counts, axis=0) - counts)
+        return self._chunks[(stage, chunk)]
+
+    def at(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
+        """(rows drawn from each source at this step, draws from each source before it in the stage)."""
+        first = plan.step - plan.step_in_stage
+        counts, before = self._chunk(plan.stage, plan.step_in_stage // _CHUNK, first)
+        i = plan.step_in_stage % _CHUNK
+        return counts[i], before[i]
 
 
 class StepBatches(IterableDataset):
-    """Endless optimizer steps from `start_step`; step s stacks `per_step[s]` micro-batches."""
+    """Endless optimizer steps from `start_step` for one data-parallel rank."""
 
-    def __init__(self, tokens, seq_len: int, rows: int, seed: int, rank: int, start_step: int, schedule):
-        self.tokens, self.seq_len, self.rows, self.seed, self.rank = tokens, seq_len, rows, seed, rank
-        self.start_step, self.schedule = start_step, schedule
+    def __init__(self, data: LingDataModule, rank: int, start_step: int):
+        self.data, self.rank, self.start_step = data, rank, start_step
 
     def __iter__(self):
         step = self.start_step
-        index = self.schedule.micro_batches_before(step)
         while True:
-            count = self.schedule.micro_batches_at(step)
-            windows = torch.stack(
-                [random_windows(self.tokens, self.seq_len, self.rows, self.seed, index + i, self.rank)
-                 for i in range(count)]
-            )  # fmt: skip
-            yield {"input_ids": windows[..., :-1], "labels": windows[..., 1:]}
-            index += count
+            yield self.data.step_batch(step, self.rank)
             step += 1
-
-
-class BatchSchedule:
-    """Micro-batches per rank at each optimizer step, from the (possibly ramped) global batch."""
-
-    def __init__(self, global_batch: int, ramp: BatchRamp | None, ranks: int, rows: int):
-        self.global_batch, self.ramp, self.per_micro_batch = global_batch, ramp, ranks * rows
-        self._consumed = [0]  # sequences consumed before step s, filled lazily
-        for batch in {global_batch, *([ramp.start] if ramp else [])}:
-            if batch % self.per_micro_batch:
-                raise DataError(
-                    f"a global batch of {batch} sequences is not a whole number of micro-batches of "
-                    f"{rows} rows on {ranks} rank(s); make it a multiple of {self.per_micro_batch}."
-                )
-        if ramp is not None and ramp.increment % self.per_micro_batch:
-            raise DataError(
-                f"batch_ramp.increment={ramp.increment} must be a multiple of {self.per_micro_batch} "
-                f"({ranks} rank(s) x {rows} rows) so every step is whole micro-batches."
-            )
-        ramp_global_batch(ramp, global_batch, 0)  # validates the ramp against the target
-
-    def batch_at(self, step: int) -> int:
-        while len(self._consumed) <= step:
-            self._consumed.append(
-                self._consumed[-1] + ramp_global_batch(self.ramp, self.global_batch, self._consumed[-1])
-            )
-        return ramp_global_batch(self.ramp, self.global_batch, self._consumed[step])
-
-    def micro_batches_at(self, step: int) -> int:
-        return self.batch_at(step) // self.per_micro_batch
-
-    def micro_batches_before(self, step: int) -> int:
-        self.batch_at(step)
-        return self._consumed[step] // self.per_micro_batch
 
 
 class LingDataModule(L.LightningDataModule):
     def __init__(
         self,
-        corpus: str = "pydoc",
+        sources: dict[str, SourceSpec] | None = None,
+        tokenizer: str = "byte",
+        eos_token: str | None = None,
         seq_len: int = 128,
         micro_batch_size: int = 8,
         global_batch_size: int | None = None,
         batch_ramp: BatchRamp | None = None,
+        batch_mode: str = "tokens",
+        mixture: dict[str, float] | None = None,
+        stages: list[Stage] | None = None,
+        eod_mask_loss: bool = True,
+        document_isolation: bool = False,
         val_fraction: float = 0.05,
         val_batches: int = 4,
         seed: int = 1234,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
     ):
         """
         Args:
-            corpus: a bundled corpus name or a UTF-8 text file.
-            seq_len: tokens per row.
-            micro_batch_size: rows per forward pass on one rank.
-            global_batch_size: rows per optimizer step over all ranks (default: one micro-batch per
-                rank); the micro-batches per step follow from it, as gradient accumulation.
+            sources: named sources (default: the bundled `pydoc` text).
+            tokenizer: "byte" (no download) or a local Hugging Face tokenizer folder or tokenizer.json.
+            eos_token: the end-of-text token, when the tokenizer does not say.
+            seq_len: tokens per row at the base length, the one micro_batch_size and
+                global_batch_size are counted at (stages may change the length).
+            micro_batch_size: rows per forward pass on one rank, at seq_len.
+            global_batch_size: rows per optimizer step over all ranks at seq_len (default: one
+                micro-batch per rank); the micro-batches per step follow, as gradient accumulation.
             batch_ramp: grow the global batch from `start` by `increment` over `ramp_samples` rows.
-            val_fraction: share of the corpus held out for validation.
-            val_batches: validation micro-batches per rank.
+            batch_mode: at another stage length keep the tokens per step ("tokens", rows adjust) or
+                the rows per step ("sequences").
+            mixture: default source weights for stages that set none (default: equal).
+            stages: the curriculum (default: one open-ended stage at seq_len).
+            eod_mask_loss: no loss on predicting the token after an EOS (the next document's first
+                token, which nothing in the row predicts); EOS itself is always a target.
+            document_isolation: position ids restart per document and attention stays inside it.
+            val_fraction: share of each source's tokens held out (its tail) for validation.
+            val_batches: validation micro-batches per rank and source.
             seed: data order seed.
+            num_proc: processes for tokenisation.
+            cache_dir: where tokenised sources are cached (default: $HF_DATASETS_CACHE/ling-train).
         """
         super().__init__()
         if seq_len < 1 or micro_batch_size < 1:
             raise DataError(f"seq_len={seq_len} and micro_batch_size={micro_batch_size} must be positive.")
         if not 0 < val_fraction < 1:
             raise DataError(f"val_fraction={val_fraction} must be between 0 and 1.")
-        self.corpus, self.seq_len, self.micro_batch_size = corpus, seq_len, micro_batch_size
+        self.specs = dict(sources) if sources else {"pydoc": SourceSpec(path="pydoc")}
+        self.specs = {k: v if isinstance(v, SourceSpec) else SourceSpec(**v) for k, v in self.specs.items()}
+        self.source_names = list(self.specs)
+        self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
+        self.global_batch_size, self.batch_ramp, self.batch_mode = global_batch_size, batch_ramp, batch_mode
+        self.default_mixture = mixture
+        self.stages = list(stages) if stages else [Stage(name="main", seq_len=seq_len, mixture=mixture)]
+        self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
+        self.eod_mask_loss, self.document_isolation = eod_mask_loss, document_isolation
         self.val_fraction, self.val_batches, self.seed = val_fraction, val_batches, seed
-        self.global_batch_size, self.batch_ramp = global_batch_size, batch_ramp
-        self.tokenizer = ByteTokenizer()
-        self.schedule: BatchSchedule | None = None
-        self.train_tokens: torch.Tensor | None = None
-        self.val_tokens: torch.Tensor | None = None
+        self.num_proc, self.cache_dir = num_proc, cache_dir
+        self.tokenizer = load_tokenizer(tokenizer, eos_token=eos_token)
+        self.curriculum: Curriculum | None = None
+        self.mixture_plan: MixturePlan | None = None
+        self.train_rows: list[SourceRows] = []
+        self.val_streams: list[tuple[TokenStream, int]] = []
         self._start = 0
+
+    # ---- preparation ----------------------------------------------------------------------------
+    def _tokenized(self) -> list[TokenStream]:
+        streams = []
+        for name, spec in self.specs.items():
+            raw = load_source(name, spec)
+            field = spec.messages_field or spec.text_field
+            tokenized = tokenize_source(
+                name, raw, self.tokenizer, field, spec.messages_field is not None, self.cache_dir, self.num_proc
+            )
+            streams.append(TokenStream(tokenized, name))
+        return streams
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node before `setup`: the other ranks then read the cache.
+        self._tokenized()
 
     def setup(self, stage: str | None = None) -> None:
         ranks = self.trainer.world_size if self.trainer is not None else 1
-        target = self.global_batch_size or self.micro_batch_size * ranks
-        self.schedule = BatchSchedule(target, self.batch_ramp, ranks, self.micro_batch_size)
-        if self.train_tokens is not None:
+        self.curriculum = Curriculum(
+            self.stages,
+            self.source_names,
+            self.seq_len,
+            self.micro_batch_size,
+            self.global_batch_size or self.micro_batch_size * ranks,
+            self.batch_ramp,
+            ranks,
+            self.batch_mode,
+            self.default_mixture,
+        )
+        self.mixture_plan = MixturePlan(self.curriculum, self.seed)
+        if self.train_rows:
             return
-        tokens = torch.tensor(self.tokenizer.encode(load_text(self.corpus)), dtype=torch.long)
-        split = int(tokens.numel() * (1 - self.val_fraction))
-        self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
-        for name, part in (("training", self.train_tokens), ("validation", self.val_tokens)):
-            if part.numel() < self.seq_len + 1:
+        for stream in self._tokenized():
+            split = int(len(stream) * (1 - self.val_fraction))
+            self.train_rows.append(SourceRows(stream.name, stream, split))
+            self.val_streams.append((stream, split))
+        self._check_lengths()
+
+    def _check_lengths(self) -> None:
+        for index, stage in enumerate(self.stages):
+            seq_len = stage.seq_len or self.seq_len
+            for rows, weight in zip(self.train_rows, self.curriculum.weights[index]):
+                if weight > 0 and rows.count(seq_len) < 1:
+                    raise DataError(
+                        f"source {rows.name!r} has {rows.end} training tokens, fewer than the "
+                        f"{seq_len + 1} one row of stage {stage.name!r} needs; add data or shorten the stage's seq_len."
+                    )
+        for stream, split in self.val_streams:
+            if len(stream) - split < self.seq_len + 1:
                 raise DataError(
-                    f"the {name} split of corpus {self.corpus!r} has {part.numel()} tokens, fewer than "
-                    f"seq_len + 1 = {self.seq_len + 1}; use a longer corpus or a shorter seq_len."
+                    f"source {stream.name!r} holds out {len(stream) - split} tokens for validation, fewer than "
+                    f"seq_len + 1 = {self.seq_len + 1}; raise val_fraction or add data."
                 )
 
-    @property
-    def unigram_entropy(self) -> float:
-        return unigram_entropy(self.train_tokens)
+    # ---- batches --------------------------------------------------------------------------------
+    def _finish(self, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inputs, labels (and document ids/positions) from rows of seq_len + 1 tokens."""
+        inputs, labels = windows[..., :-1], windows[..., 1:].clone()
+        eos = self.tokenizer.eos_token_id
+        if self.eod_mask_loss:
+            labels[inputs == eos] = IGNORE_INDEX
+        batch = {"input_ids": inputs, "labels": labels}
+        if self.document_isolation:
+            flat = inputs.reshape(-1, inputs.shape[-1])
+            doc = document_ids(flat, eos)
+            batch["doc_ids"] = doc.view_as(inputs)
+            batch["position_ids"] = document_positions(doc).view_as(inputs)
+        return batch
+
+    def step_batch(self, step: int, rank: int) -> dict:
+        """Rank `rank`'s micro-batches of optimizer step `step`: [micro-batches, rows, seq_len]."""
+        plan = self.curriculum.plan(step)
+        counts, before = self.mixture_plan.at(plan)
+        sources = np.repeat(np.arange(len(counts)), counts)
+        draws = np.concatenate([np.arange(b, b + c) for b, c in zip(before, counts)])
+        # Interleave the sources over the step's row slots; slot = (micro-batch, rank, row).
+        order = permute(np.arange(plan.global_rows), plan.global_rows, stable_key(self.seed, "slots", step))
+        slots = np.arange(plan.micro_batches * plan.rows)
+        micro, row = slots // plan.rows, slots % plan.rows
+        mine = order[micro * (self.curriculum.ranks * plan.rows) + rank * plan.rows + row]
+        windows = np.empty((len(mine), plan.seq_len + 1), dtype=np.int64)
+        key = stable_key(self.seed, "rows", plan.stage)
+        for j, source in enumerate(self.train_rows):
+            at = np.flatnonzero(sources[mine] == j)
+            if at.size:
+                windows[at] = source.rows(draws[mine[at]], plan.seq_len, key)
+        batch = self._finish(torch.from_numpy(windows).view(plan.micro_batches, plan.rows, plan.seq_len + 1))
+        batch["stage"] = plan.stage
+        batch["source_rows"] = torch.from_numpy(counts.copy())
+        return batch
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
-        dataset = StepBatches(
-            self.train_tokens, self.seq_len, self.micro_batch_size, self.seed, self._rank(), self._start, self.schedule
-        )
-        return DataLoader(dataset, batch_size=None)
+        return DataLoader(StepBatches(self, self._rank(), self._start), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        """Fixed, non-overlapping held-out windows, split across ranks."""
-        rows = (self.val_tokens.numel() - 1) // self.seq_len
-        world = self.trainer.world_size if self.trainer is not None else 1
-        rows = min(rows, self.val_batches * self.micro_batch_size * world)
-        window = self.val_tokens[: rows * self.seq_len + 1]
-        inputs, labels = window[:-1].view(rows, self.seq_len), window[1:].view(rows, self.seq_len)
-        mine = list(range(self._rank(), rows, world))
-        batches = [
-            {
-                "input_ids": inputs[mine[i : i + self.micro_batch_size]],
-                "labels": labels[mine[i : i + self.micro_batch_size]],
-            }
-            for i in range(0, len(mine), self.micro_batch_size)
-        ]
+        """Each source's held-out tail as consecutive windows at the base seq_len, split across ranks."""
+        world, rank, T = (self.trainer.world_size if self.trainer is not None else 1), self._rank(), self.seq_len
+        batches = []
+        for index, (stream, split) in enumerate(self.val_streams):
+            rows = min((len(stream) - split - 1) // T, self.val_batches * self.micro_batch_size * world)
+            rows -= rows % world  # every rank gets the same number of batches
+            if rows == 0:
+                continue
+            window = torch.from_numpy(stream.read(split, rows * T + 1))
+            windows = window.unfold(0, T + 1, T)[rank::world]
+            for i in range(0, len(windows), self.micro_batch_size):
+                batch = self._finish(windows[i : i + self.micro_batch_size])
+                batch["source"] = index
+                batches.append(batch)
         return DataLoader(batches, batch_size=None)
+
+    # ---- reporting and state ----------------------------------------------------------------------
+    def stage_of(self, step: int) -> Stage:
+        return self.stages[self.curriculum.plan(step).stage]
+
+    @property
+    def unigram_entropy(self) -> float:
+        """Entropy (nats) of the first stage's token distribution: the loss of a model ignoring context."""
+        probs = None
+        for rows, weight in zip(self.train_rows, self.curriculum.weights[0]):
+            if weight <= 0:
+                continue
+            sample = rows.stream.read(0, min(rows.end, 4_000_000))
+            p = np.bincount(sample, minlength=self.tokenizer.vocab_size) / sample.size * weight
+            probs = p if probs is None else probs + p[: len(probs)]
+        probs = probs[probs > 0] / probs.sum()
+        return float(-(probs * np.log(probs)).sum())
 
     def state_dict(self) -> dict:
         # One batch is one optimizer step, so the steps taken are the batches consumed.
-        return {"steps": self.trainer.global_step if self.trainer is not None else self._start, "seed": self.seed}
+        steps = self.trainer.global_step if self.trainer is not None else self._start
+        stage = self.stages[self.curriculum.plan(steps).stage].name if self.curriculum else None
+        return {"steps": steps, "seed": self.seed, "stage": stage}
 
     def load_state_dict(self, state: dict) -> None:
         self._start = int(state["steps"])
         if state.get("seed", self.seed) != self.seed:
             raise DataError(f"the checkpoint's data seed {state['seed']} differs from data.seed={self.seed}.")
+
+
+def cache_files(cache_dir: str | Path) -> list[Path]:
+    """The tokenised source files in a cache folder (for inspection and tests)."""
+    return sorted(Path(cache_dir).glob("*.arrow"))

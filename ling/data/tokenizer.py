@@ -1,15 +1,310 @@
-"""A tokenizer that needs no download: UTF-8 bytes are ids 0..255 and id 256 is end-of-text."""
+"""Tokenizers behind one small interface, so the data pipeline treats the built-in byte tokenizer and any
+Hugging Face tokenizer (e.g. Ling's own) alike: batch encoding without special tokens, chat rendering,
+and a stable fingerprint to key tokenized-data caches.
+
+`load_tokenizer("byte")` needs no download; `load_tokenizer(path)` reads a local tokenizer folder or a
+single `tokenizer.json`. `transformers` is imported only when a Hugging Face tokenizer is loaded.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ling.data.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# Tried in this order when neither `eos_token` nor a tokenizer_config.json names the end-of-text token.
+WELL_KNOWN_EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+
+# Any of these in a folder means it holds a tokenizer that AutoTokenizer may be able to load.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the data pipeline needs from a tokenizer.
+
+    `vocab_size` is the number of ids the tokenizer can emit (added tokens included); `encode` and
+    `encode_batch` never add BOS/EOS or other special tokens (the packer appends EOS itself); `decode`
+    leaves special tokens out; `fingerprint` is a hex digest that changes whenever the ids would.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_token_id(self) -> int: ...
+
+    @property
+    def pad_token_id(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict]) -> str: ...
+
+    def fingerprint(self) -> str: ...
+
 
 class ByteTokenizer:
+    """UTF-8 bytes are ids 0..255 and id 256 is end-of-text and pad; `decode` drops id 256.
+
+    Conversations are rendered as one `role: content` line per message, each ending in a newline, e.g.
+    `"user: hi\\nassistant: hello\\n"`.
+    """
+
+    name = "byte"
     eos_token_id = 256
     pad_token_id = 256  # as in Ling's own tokenizer, EOS doubles as pad and is never masked as padding
     vocab_size = 257
+    # Bump when the ids or the chat format change, so caches keyed by the fingerprint are rebuilt.
+    format_version = 1
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        lines = []
+        for i, message in enumerate(messages):
+            role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (None, None)
+            if not isinstance(role, str) or not isinstance(content, str):
+                raise DataError(
+                    f"chat message {i} ({message!r}) is not a dict with string 'role' and 'content'; "
+                    "the byte tokenizer renders only plain-text messages."
+                )
+            lines.append(f"{role}: {content}\n")
+        return "".join(lines)
+
+    def fingerprint(self) -> str:
+        return _sha256(f"{type(self).__module__}.{type(self).__qualname__}:v{self.format_version}")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+class HFTokenizer:
+    """A Hugging Face fast tokenizer behind the `Tokenizer` interface.
+
+    The wrapped tokenizer must have an EOS token, `eos_token` overrides it, and if it names none one of
+    `WELL_KNOWN_EOS_TOKENS` found in its vocabulary is used. Without a pad token, pad = EOS (as in Ling's
+    own tokenizer, where `<|endoftext|>` is both). Instances pickle, so `encode_batch` can run in
+    `datasets.Dataset.map(..., num_proc=N)` workers.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, name: str = "hf", eos_token: str | None = None) -> None:
+        self.name = name
+        self.hf_tokenizer = tokenizer
+        try:
+            backend = tokenizer.backend_tokenizer
+        except (AttributeError, NotImplementedError, ValueError):
+            backend = None
+        if backend is None:
+            raise DataError(
+                f"tokenizer {name} ({type(tokenizer).__name__}) has no fast `tokenizers` backend; "
+                "save it with a tokenizer.json (any fast tokenizer's save_pretrained writes one)."
+            )
+        if eos_token is None:
+            eos_token = _special_token(tokenizer, "eos_token")
+        if eos_token is None:
+            eos_token = next((t for t in WELL_KNOWN_EOS_TOKENS if backend.token_to_id(t) is not None), None)
+            if eos_token is None:
+                raise DataError(
+                    f"no end-of-text token could be determined for tokenizer {name}: it names no eos_token and "
+                    f"has none of {', '.join(WELL_KNOWN_EOS_TOKENS)}; pass eos_token explicitly."
+                )
+        _require_in_vocab(tokenizer, eos_token, "EOS", name)
+        tokenizer.eos_token = eos_token
+        pad_token = _special_token(tokenizer, "pad_token")
+        if pad_token is None:
+            tokenizer.pad_token = eos_token
+        else:
+            _require_in_vocab(tokenizer, pad_token, "pad", name)
+        self.eos_token_id: int = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+        self.pad_token_id: int = tokenizer.convert_tokens_to_ids(tokenizer.pad_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf_tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        # verbose=False: documents longer than model_max_length are expected here; the packer splits them.
+        out = self.hf_tokenizer(
+            list(texts),
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )
+        return out["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf_tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if not self.hf_tokenizer.chat_template:
+            raise DataError(
+                f"tokenizer {self.name} has no chat template; use a tokenizer whose tokenizer_config.json "
+                "(or chat_template.jinja) defines one."
+            )
+        from jinja2 import TemplateError
+
+        try:
+            text = self.hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        except TemplateError as e:
+            raise DataError(f"the chat template of tokenizer {self.name} rejected the conversation: {e}") from e
+        return text
+
+    def fingerprint(self) -> str:
+        tok = self.hf_tokenizer
+        backend = json.loads(tok.backend_tokenizer.to_str())
+        # Truncation and padding are switched per call by transformers and never apply to encode_batch.
+        backend.pop("truncation", None)
+        backend.pop("padding", None)
+        state = {
+            "class": type(tok).__name__,
+            "backend": backend,
+            "eos": [tok.eos_token, self.eos_token_id],
+            "pad": [tok.pad_token, self.pad_token_id],
+            "split_special_tokens": bool(getattr(tok, "split_special_tokens", False)),
+            "chat_template": tok.chat_template,
+        }
+        return _sha256(json.dumps(state, sort_keys=True, ensure_ascii=False))
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_token_id={self.eos_token_id})"
+
+
+def load_tokenizer(spec: str = "byte", eos_token: str | None = None) -> Tokenizer:
+    """The tokenizer named by `spec`: "byte", a local tokenizer folder, or a path to a tokenizer.json file.
+
+    A folder is loaded with `AutoTokenizer.from_pretrained(folder, local_files_only=True)`. A tokenizer.json
+    file is loaded with `PreTrainedTokenizerFast`; its EOS is `eos_token` if given, else the `eos_token`
+    of a tokenizer_config.json beside it, else the first of `WELL_KNOWN_EOS_TOKENS` in its vocabulary (the
+    config's `pad_token` and `chat_template`, or a chat_template.jinja beside it, are used too).
+    `eos_token` also overrides a folder's EOS. Raises `DataError` for anything that cannot be loaded.
+    """
+    if spec == "byte":
+        if eos_token is not None:
+            raise DataError(
+                f"eos_token {eos_token!r} cannot be set for the byte tokenizer, whose end-of-text is id 256; "
+                "leave eos_token unset or load a Hugging Face tokenizer."
+            )
+        return ByteTokenizer()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"tokenizer {spec!r} does not exist; use 'byte', a tokenizer folder or a tokenizer.json file.")
+    if path.is_dir():
+        return _load_folder(path, spec, eos_token)
+    return _load_file(path, spec, eos_token)
+
+
+def _load_folder(path: Path, name: str, eos_token: str | None) -> HFTokenizer:
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise DataError(
+            f"tokenizer folder {name} has no tokenizer files; expected one of {', '.join(_TOKENIZER_FILES)} "
+            "(as written by save_pretrained)."
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises many types (OSError, ValueError, JSON and Rust errors)
+        raise DataError(
+            f"tokenizer folder {name} could not be loaded ({_first_line(e)}); expected files written by "
+            "save_pretrained with a valid tokenizer.json."
+        ) from e
+    return HFTokenizer(tokenizer, name=name, eos_token=eos_token)
+
+
+def _load_file(path: Path, name: str, eos_token: str | None) -> HFTokenizer:
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    except Exception as e:  # the Rust parser raises a bare Exception
+        raise DataError(
+            f"tokenizer file {name} could not be parsed ({_first_line(e)}); expected a tokenizer.json "
+            "saved by the `tokenizers` library."
+        ) from e
+    config = _read_config(path.with_name("tokenizer_config.json"))
+    if eos_token is None:
+        eos_token = _token_content(config.get("eos_token"))
+    pad_token = _token_content(config.get("pad_token"))
+    if pad_token is not None:
+        _require_in_vocab(tokenizer, pad_token, "pad", name)
+        tokenizer.pad_token = pad_token
+    template = config.get("chat_template")
+    if isinstance(template, list):  # the older form: a list of {"name", "template"} entries
+        template = {t["name"]: t["template"] for t in template}
+    jinja_file = path.with_name("chat_template.jinja")
+    if template is None and jinja_file.is_file():
+        template = jinja_file.read_text(encoding="utf-8")
+    if template is not None:
+        tokenizer.chat_template = template
+    return HFTokenizer(tokenizer, name=name, eos_token=eos_token)
+
+
+def _require_in_vocab(tokenizer: PreTrainedTokenizerBase, token: str, what: str, name: str) -> None:
+    if tokenizer.backend_tokenizer.token_to_id(token) is None:
+        added = tokenizer.get_added_vocab()
+        examples = sorted(added, key=added.get)[:8]
+        raise DataError(
+            f"{what} token {token!r} is not in the vocabulary of tokenizer {name}; "
+            f"use one of its tokens instead (its added tokens include {examples})."
+        )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"tokenizer config {path} is not readable JSON ({_first_line(e)}); fix or remove it.") from e
+    if not isinstance(config, dict):
+        raise DataError(f"tokenizer config {path} holds {type(config).__name__}, not a JSON object; fix or remove it.")
+    return config
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as written in tokenizer_config.json: a string or a serialized AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _special_token(tokenizer: PreTrainedTokenizerBase, key: str) -> str | None:
+    # Read through special_tokens_map: the attribute itself logs an error when the token is unset.
+    value = tokenizer.special_tokens_map.get(key)
+    return str(value) if value is not None else None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ling.config import LingConfig
 from ling.model.cache import KVCache
@@ -11,7 +12,8 @@ from ling.model.rope import apply_partial_rope
 
 
 class Attention(nn.Module):
-    """GQA with a fused [Q|K|V] projection, per-head QK RMSNorm before partial RoPE, through SDPA."""
+    """GQA with a fused [Q|K|V] projection, per-head QK RMSNorm before partial RoPE, through SDPA (or flex
+    attention when the mask is a BlockMask)."""
 
     def __init__(self, config: LingConfig, layer_idx: int):
         super().__init__()
@@ -30,10 +32,13 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | BlockMask | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """attn_mask: optional boolean [B, 1, T, S] (True = may attend), e.g. document isolation."""
+        """attn_mask: optional boolean [B, 1, T, S] (True = may attend), e.g. document isolation, or a flex
+        attention BlockMask over [B, T, T] (see `ling.model.masks.document_mask`)."""
+        if isinstance(attn_mask, BlockMask) and kv_cache is not None:
+            raise ValueError("A flex attention BlockMask cannot be used with a kv_cache; pass a boolean mask instead.")
         B, T, _ = x.shape
         qkv = self.query_key_value(x).view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
@@ -42,10 +47,15 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        S = k.shape[2]
-        is_causal = attn_mask is None and T == S and T > 1
-        if attn_mask is None and T != S and T > 1:
-            # Queries are the last T of S positions: a bottom-right aligned causal mask.
-            attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)
+        if isinstance(attn_mask, BlockMask):
+            # Eager flex attention materialises the full score matrix; callers that want the fused kernel
+            # compile the enclosing block (ling/parallel/ applies torch.compile from outside).
+            out = flex_attention(q, k, v, block_mask=attn_mask, enable_gqa=True)
+        else:
+            S = k.shape[2]
+            is_causal = attn_mask is None and T == S and T > 1
+            if attn_mask is None and T != S and T > 1:
+                # Queries are the last T of S positions: a bottom-right aligned causal mask.
+                attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)
         return self.dense(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

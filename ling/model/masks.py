@@ -1,0 +1,36 @@
+"""Document-isolation attention masks in the form each attention backend wants.
+
+SDPA takes a dense boolean [B, 1, T, T] mask; flex attention takes a BlockMask, which records which
+128x128 tiles are empty, full or partial, so a fused kernel can skip the empty ones entirely. Both
+mean the same thing: a query sees earlier positions of its own document only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+from ling.data.packing import document_causal_mask
+
+BACKENDS = ("auto", "sdpa", "flex")
+
+
+def document_mask(doc_ids: torch.Tensor, backend: str = "auto") -> torch.Tensor | BlockMask:
+    """The `attn_mask` for document isolation of rows with per-position document ids [B, T].
+
+    "auto" picks flex on CUDA and SDPA elsewhere: flex attention has no backward on CPU, so a CPU
+    BlockMask only serves inference.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown attention mask backend {backend!r}: expected one of {', '.join(BACKENDS)}.")
+    if backend == "auto":
+        backend = "flex" if doc_ids.device.type == "cuda" else "sdpa"
+    if backend == "sdpa":
+        return document_causal_mask(doc_ids)
+    B, T = doc_ids.shape
+
+    def same_document_causal(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return (kv <= q) & (doc_ids[b, q] == doc_ids[b, kv])
+
+    # H=None: one mask broadcast over all heads.
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)

@@ -1,0 +1,77 @@
+"""Sources through HF datasets: local formats read back exactly, chat rendering, clear errors."""
+
+import json
+
+import datasets
+import pytest
+
+from ling.data.errors import DataError
+from ling.data.sources import SourceSpec, load_source
+
+DOCS = ["first document\nwith two lines", "second", "third one, the last"]
+
+
+def texts(spec, name="s"):
+    return list(load_source(name, spec)["text"])
+
+
+def test_json_jsonl_parquet_and_saved_datasets(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    (tmp_path / "b.json").write_text(json.dumps([{"body": d} for d in DOCS]))
+    datasets.Dataset.from_dict({"text": DOCS}).to_parquet(str(tmp_path / "c.parquet"))
+    datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": DOCS[:1]})}).save_to_disk(str(tmp_path / "dd"))
+    assert texts(SourceSpec(str(tmp_path / "a.jsonl"))) == DOCS
+    assert list(load_source("b", SourceSpec(str(tmp_path / "b.json"), text_field="body"))["body"]) == DOCS
+    assert texts(SourceSpec(str(tmp_path / "c.parquet"))) == DOCS
+    assert texts(SourceSpec(str(tmp_path / "saved"))) == DOCS
+    assert texts(SourceSpec(str(tmp_path / "dd"))) == DOCS[:1]
+    assert texts(SourceSpec(str(tmp_path / "a.jsonl"), max_documents=2)) == DOCS[:2]
+
+
+def test_text_folders_and_globs(tmp_path):
+    folder = tmp_path / "books"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "1.txt").write_text("para one\n\npara two\n")
+    (folder / "sub" / "2.txt").write_text("another book\n")
+    assert texts(SourceSpec(str(folder))) == ["para one\n\npara two\n", "another book\n"]
+    assert texts(SourceSpec(str(folder / "1.txt"), sample_by="paragraph")) == ["para one", "para two\n"]
+    assert texts(SourceSpec(str(tmp_path / "books/**/*.txt"))) == ["para one\n\npara two\n", "another book\n"]
+
+
+def test_bundled_sources():
+    docs = texts(SourceSpec("arithmetic"))
+    assert len(docs) == 20000 and docs[0].startswith("Q: ")
+    assert (
+        load_source("a", SourceSpec("arithmetic"))._fingerprint
+        == load_source("b", SourceSpec("arithmetic"))._fingerprint
+    )
+
+
+def test_bad_sources_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match=r"source 's': '\./nowhere.jsonl' does not exist"):
+        load_source("s", SourceSpec("./nowhere.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="source 's': cannot read .*empty.jsonl.* as json"):
+        load_source("s", SourceSpec(str(tmp_path / "empty.jsonl")))
+    (tmp_path / "a.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(DataError, match="has no column 'text'; its columns are content"):
+        load_source("s", SourceSpec(str(tmp_path / "a.jsonl")))
+    (tmp_path / "n.jsonl").write_text(json.dumps({"text": 3}) + "\n")
+    with pytest.raises(DataError, match="column 'text' holds .*int64.*not text"):
+        load_source("s", SourceSpec(str(tmp_path / "n.jsonl")))
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(DataError, match="cannot read .*bad.jsonl.* as json"):
+        load_source("s", SourceSpec(str(tmp_path / "bad.jsonl")))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.txt").write_text("x")
+    (mixed / "b.jsonl").write_text(json.dumps({"text": "y"}) + "\n")
+    with pytest.raises(DataError, match="mix or lack known extensions"):
+        load_source("s", SourceSpec(str(mixed)))
+    with pytest.raises(DataError, match="hub datasets cannot be downloaded while HF_HUB_OFFLINE"):
+        load_source("s", SourceSpec("someone/some-corpus"))
+    with pytest.raises(DataError, match="format='csv' is not one of"):
+        load_source("s", SourceSpec(str(tmp_path / "a.jsonl"), format="csv"))
+    with pytest.raises(DataError, match="bundled corpus 'nope' is unknown"):
+        load_source("s", SourceSpec("nope", format="bundled"))
