@@ -58,6 +58,7 @@ lint: $(STAMP)
 
 bench-cpu: $(STAMP)
 	$(PY) benchmarks/moe_layer_cpu.py
+	$(PY) benchmarks/data_pipeline_cpu.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,22 +12,26 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import lightning as L
-import torch
+# recipes/ is used from the checkout, not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ling.data.bundled import shakespeare_documents
-from ling.data.module import LingDataModule
-from ling.data.sources import SourceSpec, load_source
-from ling.data.tokenize import tokenize_source
-from ling.data.tokenizer import ByteTokenizer, load_tokenizer
-from ling.module import LingModule
-from ling.optim import OptimizerConfig
-from ling.schedules import ScheduleConfig
-from recipes import get_recipe
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from ling.data.bundled import shakespeare_documents  # noqa: E402
+from ling.data.module import LingDataModule  # noqa: E402
+from ling.data.sources import SourceSpec, load_source  # noqa: E402
+from ling.data.tokenize import tokenize_source  # noqa: E402
+from ling.data.tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402
+from ling.module import LingModule  # noqa: E402
+from ling.optim import OptimizerConfig  # noqa: E402
+from ling.schedules import ScheduleConfig  # noqa: E402
+from recipes import get_recipe  # noqa: E402
 
 
 def bpe_tokenizer(folder: Path) -> str:

@@ -93,10 +93,19 @@ def test_print_config_shows_the_whole_run():
     [
         ("--model.model=huge", "error: unknown model preset 'huge'; choose one of ['1t', 'flash', 'mini', 'tiny']."),
         ('--model.model_overrides={"num_nextn_predict_layers": 0}', "error: mtp_loss_weight=0.1 needs an MTP layer"),
+        (
+            ('--data.stages=[{"name": "long", "seq_len": 4096, "global_batch_size": 2}]',),
+            "error: stage 'long' trains 4096-token rows but the model reaches 2048 positions",
+        ),
+        (
+            ('--data.sources={"web": {"path": "./missing/*.jsonl"}}', "--data.stages=null"),
+            "error: source 'web': no json, jsonl, parquet, txt or md files found at './missing/*.jsonl'",
+        ),
     ],
 )
 def test_bad_settings_fail_with_one_sentence(override, message):
-    result = run_cli("fit", "--config", "configs/tiny.yaml", override)
+    overrides = override if isinstance(override, tuple) else (override,)
+    result = run_cli("fit", "--config", "configs/tiny.yaml", *overrides)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(message)
     assert "Traceback" not in result.stderr

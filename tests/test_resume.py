@@ -1,4 +1,6 @@
-"""A run resumed from a mid-run checkpoint continues exactly as the uninterrupted run."""
+"""Runs through the Trainer: exact resume (also across curriculum stages), stage switches, document isolation."""
+
+import copy
 
 import lightning as L
 import pytest
@@ -8,6 +10,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from ling.checkpoint.atomic import AtomicCheckpointIO
 from ling.data.curriculum import Stage
 from ling.data.module import LingDataModule
+from ling.data.packing import document_causal_mask, document_ids, document_positions
+from ling.data.sources import SourceSpec
 from ling.model.rope import rope_parameters
 from ling.module import LingModule
 from ling.schedules import ScheduleConfig
@@ -142,3 +146,46 @@ def test_stages_switch_at_the_exact_step_and_resume_across_a_boundary(tmp_path):
         module_full.model.state_dict().items(), module_resumed.model.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+class RecordBatch(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.loss = float(trainer.callback_metrics["train/loss"])
+
+
+@pytest.mark.parametrize("isolation", [True, False])
+def test_document_isolation_reaches_the_model(tmp_path, isolation):
+    """The logged loss equals the initial model's loss with (or without) per-document positions and mask."""
+    module = make_module()
+    module.configure_model()
+    initial = copy.deepcopy(module.model)
+    recorder = RecordBatch()
+    data = LingDataModule(
+        sources={"arithmetic": SourceSpec("arithmetic")}, seq_len=128, micro_batch_size=2, global_batch_size=4,
+        document_isolation=isolation,
+    )  # fmt: skip
+    make_trainer(tmp_path, 1, [recorder]).fit(module, datamodule=data)
+    batch = recorder.batch
+    inputs, labels = batch["input_ids"], batch["labels"]
+    with torch.no_grad():
+        isolated, joined = [], []
+        for i in range(inputs.shape[0]):
+            doc = document_ids(inputs[i], 256)
+            isolated.append(
+                initial(
+                    inputs[i],
+                    labels=labels[i],
+                    position_ids=document_positions(doc),
+                    attn_mask=document_causal_mask(doc),
+                ).main_loss  # fmt: skip
+            )
+            joined.append(initial(inputs[i], labels=labels[i]).main_loss)
+    assert ("doc_ids" in batch) == isolation
+    expected, other = torch.stack(isolated).mean(), torch.stack(joined).mean()
+    if not isolation:
+        expected, other = other, expected
+    assert recorder.loss == pytest.approx(float(expected), abs=1e-5)
+    assert abs(float(expected) - float(other)) > 1e-4  # the two settings differ by far more than the tolerance

@@ -293,13 +293,11 @@ class LingDataModule(L.LightningDataModule):
     @property
     def unigram_entropy(self) -> float:
         """Entropy (nats) of the first stage's token distribution: the loss of a model ignoring context."""
-        probs = None
+        probs = np.zeros(self.tokenizer.vocab_size)
         for rows, weight in zip(self.train_rows, self.curriculum.weights[0]):
-            if weight <= 0:
-                continue
-            sample = rows.stream.read(0, min(rows.end, 4_000_000))
-            p = np.bincount(sample, minlength=self.tokenizer.vocab_size) / sample.size * weight
-            probs = p if probs is None else probs + p[: len(probs)]
+            if weight > 0:  # the first 4M tokens of each source stand for it
+                sample = rows.stream.read(0, min(rows.end, 4_000_000))
+                probs += np.bincount(sample, minlength=probs.size) / sample.size * weight
         probs = probs[probs > 0] / probs.sum()
         return float(-(probs * np.log(probs)).sum())
 
