@@ -30,10 +30,31 @@ class HFExport(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "hf")
         dtype = DTYPES[self.dtype] if self.dtype else None
+        model = pl_module.model
+        if any(hasattr(p, "device_mesh") for p in model.parameters()):
+            model = _gathered(model)  # every rank takes part in the gather; rank 0 gets the weights
         if trainer.is_global_zero:
-            config = pl_module.model.config
+            config = model.config
             if self.rope_scaling is not None:
                 config = config.replace(rope_scaling=dict(self.rope_scaling))
-            self.saved_to = save_pretrained(pl_module.model, folder, self.max_shard_size, dtype, config=config)
+            self.saved_to = save_pretrained(model, folder, self.max_shard_size, dtype, config=config)
             print(f"Hugging Face checkpoint written to {folder}")
         trainer.strategy.barrier()
+
+
+def _gathered(model):
+    """An unsharded CPU copy of a sharded model on rank 0 (None elsewhere)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ling.model import LingForCausalLM
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        full = LingForCausalLM(model.config)
+    full.load_state_dict(state, assign=True)
+    full.model.rotary_emb = model.model.rotary_emb.__class__(model.config)  # non-persistent buffers
+    return full

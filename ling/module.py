@@ -24,6 +24,7 @@ from ling.flops import training_flops_per_token
 from ling.model import LingForCausalLM
 from ling.model.masks import document_mask
 from ling.optim import OptimizerConfig, build_optimizer
+from ling.parallel.clip import clip_grad_norm_
 from ling.presets import preset
 from ling.schedules import ScheduleConfig, build_scheduler
 
@@ -110,13 +111,35 @@ class LingModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        if self.pretrained is not None:
+        mesh = getattr(self, "ling_mesh", None)
+        if mesh is not None:
+            self.model = self._sharded_model(mesh)
+        elif self.pretrained is not None:
             self.model = load_pretrained(self.pretrained, dtype=torch.float32, device=self.device, **self._overrides)
         else:
             with torch.device("meta"):
                 model = LingForCausalLM(self.config)
             self.model = model.to_empty(device=self.device)
             self.model.init_weights(self.init_std)
+
+    def _sharded_model(self, mesh) -> LingForCausalLM:
+        """Built on the meta device, parallelised, then materialised shard by shard: random init
+        draws the same values as an unsharded model; a pretrained checkpoint is loaded whole on the
+        CPU of each rank and each rank keeps its shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from ling.parallel import parallelize
+
+        self.trainer.strategy.dims.check(self.trainer.world_size, self.config.num_experts)
+        with torch.device("meta"):
+            model = LingForCausalLM(self.config)
+        parallelize(model, mesh, self.parallel_plan)
+        model.to_empty(device=self.device)
+        model.init_weights(self.init_std)
+        if self.pretrained is not None:
+            full = load_pretrained(self.pretrained, dtype=torch.float32, device="cpu", **self._overrides)
+            set_model_state_dict(model, full.state_dict(), options=StateDictOptions(full_state_dict=True))
+        return model
 
     @property
     def moe_layer_names(self) -> list[str]:
@@ -204,22 +227,26 @@ class LingModule(L.LightningModule):
         micro_batches = inputs.shape[0]
         losses = []
         for i in range(micro_batches):
+            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce gradients once, at the last
+                self.model.set_requires_gradient_sync(i == micro_batches - 1)
             out = self(inputs[i], labels[i], **self._isolation(batch, i))
             self.manual_backward(out.loss / micro_batches)
             if out.tokens_per_expert is not None:
                 self.expert_load.add(out.tokens_per_expert)
             losses.append(torch.stack([out.main_loss, *out.mtp_losses]).detach())
         self._balance_experts()
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip if self.grad_clip else float("inf"))
+        norm = clip_grad_norm_(self.parameters(), self.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
 
         step_losses = torch.stack(losses).mean(0)
+        if self.trainer.world_size > 1:  # the mean over all data-parallel ranks
+            step_losses = self.trainer.strategy.reduce(step_losses, reduce_op="mean")
         self.log("train/loss", step_losses[0], prog_bar=True)
         for k in range(1, len(step_losses)):
             self.log(f"train/mtp_{k}_loss", step_losses[k])
-        self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.log("train/grad_norm", norm)
         self.log("train/lr", scheduler.get_last_lr()[0])
         self.log("train/micro_batches", float(micro_batches))
         self._seq_len = inputs.shape[-1]

@@ -104,6 +104,19 @@ class StepBatches(IterableDataset):
             step += 1
 
 
+class _Batches(IterableDataset):
+    """Ready-made batches; iterable so that Lightning does not shard them again with a sampler."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class LingDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -284,7 +297,7 @@ class LingDataModule(L.LightningDataModule):
                 batch = self._finish(windows[i : i + self.micro_batch_size])
                 batch["source"] = index
                 batches.append(batch)
-        return DataLoader(batches, batch_size=None)
+        return DataLoader(_Batches(batches), batch_size=None)
 
     # ---- reporting and state ----------------------------------------------------------------------
     def stage_of(self, step: int) -> Stage:

@@ -40,19 +40,32 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
+def _normal_(param: torch.Tensor, std: float) -> None:
+    if hasattr(param, "device_mesh"):
+        # A sharded parameter (DTensor): draw the whole tensor and keep this rank's part, so the values
+        # are the same as an unsharded model's for the same seed, whatever the layout.
+        from torch.distributed.tensor import distribute_tensor
+
+        full = torch.empty(param.shape, dtype=param.dtype, device=param.device).normal_(0.0, std)
+        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(local.to_local())
+    else:
+        nn.init.normal_(param, mean=0.0, std=std)
+
+
 @torch.no_grad()
 def init_weights(module: nn.Module, std: float) -> None:
     """Normal(0, std) for every matrix, ones for norms, zero expert bias, rope buffers rebuilt."""
     for sub in module.modules():
         if isinstance(sub, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(sub.weight, mean=0.0, std=std)
+            _normal_(sub.weight, std)
         elif isinstance(sub, (RMSNorm, RotaryEmbedding)):
             sub.reset_parameters()
         elif isinstance(sub, MoE):
-            nn.init.normal_(sub.gate.weight, mean=0.0, std=std)
+            _normal_(sub.gate.weight, std)
             sub.gate.expert_bias.zero_()
             for param in sub.experts.parameters():
-                nn.init.normal_(param, mean=0.0, std=std)
+                _normal_(param, std)
 
 
 class LingModel(nn.Module):

@@ -69,6 +69,11 @@ class Router(nn.Module):
         return Routing(indices, weights * self.scaling, logits, scores)
 
 
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's experts when expert parallelism has split the stack (a DTensor), else the stack."""
+    return weight.to_local() if hasattr(weight, "to_local") else weight
+
+
 class GroupedExperts(nn.Module):
     """All routed experts as stacked weights, in the HF per-expert (out, in) orientation."""
 
@@ -79,11 +84,12 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: [M, H] rows sorted by expert; counts: [E] rows per expert."""
+        """x: [M, H] rows sorted by expert; counts: [E] rows per expert (this rank's experts)."""
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        gate = torch._grouped_mm(x, self.gate_proj.transpose(-2, -1), offs=offs)
-        up = torch._grouped_mm(x, self.up_proj.transpose(-2, -1), offs=offs)
-        return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
+        gate_proj, up_proj, down_proj = (_local(w) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        gate = torch._grouped_mm(x, gate_proj.transpose(-2, -1), offs=offs)
+        up = torch._grouped_mm(x, up_proj.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offs)
 
     def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The same computation one expert at a time: the reference the grouped path is tested against."""

@@ -1,0 +1,28 @@
+"""Gradient clipping over parameters that live on different meshes.
+
+With expert parallelism the expert weights and the dense weights are DTensors on different meshes,
+and torch's `clip_grad_norm_` cannot combine norms across meshes. Here each mesh's norm is reduced
+to a plain number first, then the global norm clips every gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+
+def clip_grad_norm_(parameters, max_norm: float | None) -> torch.Tensor:
+    """The global L2 norm of the gradients (before clipping); clips when max_norm is set."""
+    params_by_mesh: dict[object, list[torch.Tensor]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            params_by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    norms = []
+    for params in params_by_mesh.values():
+        norm = get_total_norm([p.grad for p in params], norm_type=2.0)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = torch.stack(norms).norm() if norms else torch.zeros(())
+    if max_norm:
+        for params in params_by_mesh.values():
+            clip_grads_with_norm_(params, max_norm, total)
+    return total

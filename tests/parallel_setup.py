@@ -1,0 +1,26 @@
+"""The run that tests/test_parallel.py trains once in one process and again under each parallel layout."""
+
+import lightning as L
+import torch
+
+from ling.data.module import LingDataModule
+from ling.module import LingModule
+from ling.schedules import ScheduleConfig
+
+
+class Record(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+
+def make_module() -> LingModule:
+    torch.manual_seed(0)
+    return LingModule(model="tiny", bias_update_rate=0.01, schedule=ScheduleConfig(name="wsm", warmup_steps=2))
+
+
+def make_data() -> LingDataModule:
+    # 8 rows of 32 tokens per step: 4 micro-batches of 2 rows on one rank, 2 per rank on two.
+    return LingDataModule(seq_len=32, micro_batch_size=2, global_batch_size=8, seed=11)
