@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from parallel_setup import Record, make_data, make_module
 
 from ling import preset
 from ling.checkpoint import load_pretrained
@@ -17,7 +18,6 @@ from ling.model import build_model
 from ling.parallel.expert_parallel import expert_major_order
 from ling.parallel.mesh import ParallelDims
 from ling.parallel.strategy import LingParallelStrategy
-from parallel_setup import Record, make_data, make_module
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4

@@ -26,9 +26,10 @@ class ParallelDims:
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer.")
         if self.dp_shard % self.ep:
+            divisors = [d for d in range(1, self.dp_shard + 1) if self.dp_shard % d == 0]
             raise ConfigError(
                 f"ep={self.ep} must divide dp_shard={self.dp_shard}: expert parallelism is carved out of the "
-                f"data-parallel shard axis; pick ep among {[d for d in range(1, self.dp_shard + 1) if self.dp_shard % d == 0]}."
+                f"data-parallel shard axis; pick ep among {divisors}."
             )
 
     @property
