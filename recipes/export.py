@@ -41,6 +41,19 @@ def _callbacks(recipe: Recipe, every: int) -> list[dict]:
     return callbacks
 
 
+def _strategy(recipe: Recipe) -> dict:
+    layout = recipe.layout
+    return {
+        "class_path": "ling.parallel.strategy.LingParallelStrategy",
+        "init_args": {
+            "dp_replicate": layout.dp_replicate,
+            "dp_shard": layout.dp_shard,
+            "ep": layout.ep,
+            "activation_checkpointing": layout.activation_checkpointing,
+        },
+    }
+
+
 def _on_cpu(recipe: Recipe) -> bool:
     return recipe.layout.world == 1 and recipe.layout.gpus_per_node == 1
 
@@ -58,7 +71,9 @@ def stage_config(recipe: Recipe) -> dict:
             "accelerator": "cpu" if cpu else "gpu",
             "devices": recipe.layout.gpus_per_node,
             "num_nodes": recipe.layout.nodes,
-            "precision": "32-true" if cpu else "bf16-mixed",
+            **({} if cpu else {"strategy": _strategy(recipe)}),
+            # On GPUs the strategy's FSDP2 policy computes in bf16 over fp32 master weights.
+            "precision": "32-true",
             "max_steps": recipe.max_steps,
             "log_every_n_steps": 25 if cpu else 10,
             "val_check_interval": every,

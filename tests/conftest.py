@@ -30,3 +30,13 @@ def tiny_config():
 def tiny_model(tiny_config):
     torch.manual_seed(0)
     return build_model(tiny_config)
+
+
+@pytest.fixture(autouse=True)
+def _isolate_lightning_globals():
+    """Lightning's seed_everything (run by the CLI tests) exports PL_GLOBAL_SEED, which distributed
+    strategies re-seed from at setup; clear it so later tests start from their own seeds."""
+    yield
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    # Lightning's process launchers set the thread count (and OMP_NUM_THREADS) for their processes.
+    torch.set_num_threads(1)

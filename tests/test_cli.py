@@ -151,3 +151,17 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="the tokenizer has 257 tokens but the model's vocab_size is 200"):
         trainer.fit(module, datamodule=LingDataModule(seq_len=32, micro_batch_size=2))
     assert module.model is None  # refused before the model was built
+
+
+def test_gpu_configs_name_the_parallel_strategy_and_refuse_a_bad_mesh():
+    from ling.parallel.strategy import LingParallelStrategy
+
+    config = yaml.safe_load((ROOT / "configs" / "mini.yaml").read_text())
+    strategy = config["trainer"]["strategy"]
+    assert strategy["class_path"] == "ling.parallel.strategy.LingParallelStrategy"
+    assert strategy["init_args"] == {"dp_replicate": 1, "dp_shard": 16, "ep": 8, "activation_checkpointing": "full"}
+    LingParallelStrategy(**strategy["init_args"]).validate(16)  # a valid mesh on 2 nodes x 8 GPUs
+    result = run_cli("fit", "--config", "configs/mini.yaml", "--trainer.strategy.init_args.ep=3",
+                     "--trainer.accelerator=cpu", "--data.tokenizer=byte")  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ep=3 must divide dp_shard=16")

@@ -109,12 +109,14 @@ def test_expert_major_order_by_hand():
 
 def test_bad_mesh_settings_fail_at_once():
     with pytest.raises(ConfigError, match=r"ep=3 must divide dp_shard=4.*pick ep among \[1, 2, 4\]"):
-        LingParallelStrategy(dp_shard=4, ep=3)
+        L.Trainer(accelerator="cpu", devices=4, strategy=LingParallelStrategy(dp_shard=4, ep=3), logger=False)
+    with pytest.raises(ConfigError, match="needs 4 processes but the run has 2"):
+        L.Trainer(accelerator="cpu", devices=2, strategy=LingParallelStrategy(dp_shard=4), logger=False)
     with pytest.raises(ConfigError, match="needs 8 processes but the run has 4"):
         ParallelDims(dp_replicate=2, dp_shard=4).check(4)
     with pytest.raises(ConfigError, match="num_experts=16 is not divisible by ep=32"):
         ParallelDims(dp_shard=32, ep=32).check(32, num_experts=16)
     with pytest.raises(ConfigError, match="activation_checkpointing='all' is not one of none, full, moe"):
-        LingParallelStrategy(activation_checkpointing="all")
+        LingParallelStrategy(activation_checkpointing="all").validate(1)
     with pytest.raises(ConfigError, match="dp_replicate=0 must be a positive integer"):
         ParallelDims(dp_replicate=0)

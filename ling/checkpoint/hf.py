@@ -6,13 +6,15 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ling.checkpoint.fp8 import BLOCK, FP8_DTYPE, SCALE_SUFFIX, dequantize_blockwise
 from ling.checkpoint.keys import hf_to_internal, internal_to_hf, internal_to_hf_name
 from ling.config import LingConfig
 from ling.model.model import LingForCausalLM, init_weights
@@ -85,6 +87,8 @@ def load_pretrained(
 ) -> LingForCausalLM:
     """Load a local HF Ling folder. Experts are copied shard by shard into the stacked weights.
 
+    Blockwise-fp8 weights (with `*_scale_inv`, as in the released fp8 checkpoints) are dequantised.
+
     `config_overrides` replace config.json fields (e.g. `num_nextn_predict_layers=1` to add an MTP
     layer to a checkpoint released without one: it is freshly initialised and a warning says so).
     """
@@ -97,6 +101,7 @@ def load_pretrained(
     config = _resolve_layer_count(config, keys).replace(**config_overrides)
     if dtype is None:
         dtype = DTYPES.get(config.torch_dtype, torch.float32)
+    block = (config.extra.get("quantization_config") or {}).get("weight_block_size", [BLOCK, BLOCK])
 
     with torch.device("meta"):
         model = LingForCausalLM(config)
@@ -108,6 +113,8 @@ def load_pretrained(
         for file in files:
             with _open(file) as handle:
                 for key in handle.keys():
+                    if key.endswith(SCALE_SUFFIX) and key.removesuffix(SCALE_SUFFIX) in keys:
+                        continue  # read with its float8 weight
                     name, expert = hf_to_internal(key, config.num_hidden_layers)
                     if name not in targets:
                         if name.startswith("model.mtp_layers."):
@@ -125,6 +132,8 @@ def load_pretrained(
                             )
                         target = target[expert]
                     tensor = handle.get_tensor(key)
+                    if tensor.dtype == FP8_DTYPE:
+                        tensor = _dequantize(key, tensor, file, handle, keys, block)
                     if tensor.shape != target.shape:
                         raise CheckpointError(
                             f"{key!r} in {file.name} has shape {tuple(tensor.shape)} but the model built from "
@@ -139,6 +148,22 @@ def load_pretrained(
     _check_complete(model, targets, loaded, folder, config)
     model.model.rotary_emb.reset_parameters()
     return model
+
+
+def _dequantize(key: str, q: torch.Tensor, file: Path, handle, keys: dict[str, Path], block) -> torch.Tensor:
+    """A blockwise-fp8 weight back in float32, its `_scale_inv` read from whichever shard holds it."""
+    scale_key = key + SCALE_SUFFIX
+    if scale_key not in keys:
+        raise CheckpointError(f"{file.name} holds the float8 tensor {key!r} but the checkpoint has no {scale_key!r}.")
+    if keys[scale_key] == file:
+        scale_inv = handle.get_tensor(scale_key)
+    else:
+        with _open(keys[scale_key]) as other:
+            scale_inv = other.get_tensor(scale_key)
+    try:
+        return dequantize_blockwise(q, scale_inv, tuple(block))
+    except ValueError as err:
+        raise CheckpointError(f"{key!r} in {file.name}: {err}") from None
 
 
 def _check_complete(model, targets, loaded, folder: Path, config: LingConfig) -> None:
@@ -202,15 +227,17 @@ def hf_state_dict(model: LingForCausalLM, dtype: torch.dtype | None = None) -> I
             yield key, part.cpu().contiguous()
 
 
-def _hf_sizes(model: LingForCausalLM, dtype: torch.dtype | None) -> Iterator[tuple[str, int]]:
+def _hf_views(model: LingForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF keys with the model's own tensors (expert slices are views): no cast, gather or copy."""
     layers = model.config.num_hidden_layers
     for name, tensor in model.state_dict().items():
-        for key, part in internal_to_hf(name, tensor, layers):
-            if key.endswith("expert_bias"):
-                itemsize = 4
-            else:
-                itemsize = (dtype or part.dtype).itemsize
-            yield key, part.numel() * itemsize
+        yield from internal_to_hf(name, tensor, layers)
+
+
+def _hf_sizes(model: LingForCausalLM, dtype: torch.dtype | None) -> Iterator[tuple[str, int]]:
+    for key, part in _hf_views(model):
+        itemsize = 4 if key.endswith("expert_bias") else (dtype or part.dtype).itemsize
+        yield key, part.numel() * itemsize
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -233,44 +260,61 @@ def save_pretrained(
     Each file is written under a temporary name and renamed into place, the index and config last,
     so an interrupted save never leaves a half-written file under a final name.
     """
+    torch_dtype = None
+    for key, tensor in _hf_views(model):
+        if not key.endswith("expert_bias"):
+            torch_dtype = str(dtype or tensor.dtype).removeprefix("torch.")
+            break
+    config = (config or model.config).replace(
+        torch_dtype=torch_dtype, num_nextn_predict_layers=len(model.model.mtp_layers)
+    )
+    return write_hf_folder(path, hf_state_dict(model, dtype), _hf_sizes(model, dtype), config.to_hf(), max_shard_size)
+
+
+def write_hf_folder(
+    path: str | os.PathLike,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    sizes: Iterable[tuple[str, int]],
+    config: dict[str, Any],
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write a stream of (HF key, tensor) as safetensors shards, the index when sharded, config.json last.
+
+    `sizes` gives every key's byte size in stream order: the shards are planned from sizes alone so
+    that only one shard's tensors are ever in memory. `config` is the config.json content.
+    """
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)
-    # Plan the shards from shapes alone, then stream the tensors: only one shard is in memory at a time.
+    folder.mkdir(parents=True, exist_ok=True)
     plan: list[list[str]] = [[]]
-    sizes = [0]
-    for key, nbytes in _hf_sizes(model, dtype):
-        if plan[-1] and sizes[-1] + nbytes > limit:
+    shard_sizes = [0]
+    for key, nbytes in sizes:
+        if plan[-1] and shard_sizes[-1] + nbytes > limit:
             plan.append([])
-            sizes.append(0)
+            shard_sizes.append(0)
         plan[-1].append(key)
-        sizes[-1] += nbytes
+        shard_sizes[-1] += nbytes
     count = len(plan)
     names = [SINGLE_NAME] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-    tensors = hf_state_dict(model, dtype)
+    stream = iter(tensors)
     weight_map: dict[str, str] = {}
-    torch_dtype = None
     for name, keys in zip(names, plan, strict=True):
         shard = {}
         for key in keys:
-            got, tensor = next(tensors)
+            got, tensor = next(stream)
             assert got == key, (got, key)
-            if torch_dtype is None and not key.endswith("expert_bias"):
-                torch_dtype = str(tensor.dtype).removeprefix("torch.")
             # Each expert slice needs its own storage: safetensors refuses tensors that share memory.
             shard[key] = tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
         _write_atomic(folder / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
         weight_map.update(dict.fromkeys(keys, name))
     stale = [p for p in folder.glob("model*.safetensors") if p.name not in names]
     if count > 1:
-        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {"metadata": {"total_size": sum(shard_sizes)}, "weight_map": dict(sorted(weight_map.items()))}
         _write_atomic(folder / INDEX_NAME, lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
     elif (folder / INDEX_NAME).exists():
         stale.append(folder / INDEX_NAME)
-    config = (config or model.config).replace(
-        torch_dtype=torch_dtype, num_nextn_predict_layers=len(model.model.mtp_layers)
-    )
-    _write_atomic(folder / "config.json", config.to_json_file)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _write_atomic(folder / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     for old in stale:
         old.unlink()
     return folder

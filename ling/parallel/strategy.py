@@ -53,24 +53,32 @@ class LingParallelStrategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        if dp_shard is not None:
-            ParallelDims(dp_replicate, dp_shard, ep)  # refuse bad sizes before any process starts
-        elif dp_replicate < 1 or ep < 1:
-            raise ConfigError(f"dp_replicate={dp_replicate} and ep={ep} must be positive integers.")
+        # Checked when the Trainer is built (`_configure_launcher`), before any process starts: the
+        # config parser builds this class while reading YAML and would bury an error raised here.
         self._sizes = (dp_replicate, dp_shard, ep)
-        self.plan = ParallelPlan(param_dtype, reduce_dtype, reshard_after_forward, activation_checkpointing, compile)
+        self._plan_args = (param_dtype, reduce_dtype, reshard_after_forward, activation_checkpointing, compile)
+        self.plan: ParallelPlan | None = None
         self.dims: ParallelDims | None = None
         self.ling_mesh = None
 
-    def setup_environment(self) -> None:
-        world = self.num_nodes * self.num_processes
+    def validate(self, world: int) -> None:
+        """The mesh and plan for a run of `world` processes; one ConfigError sentence when impossible."""
         dp_replicate, dp_shard, ep = self._sizes
         if dp_shard is None:
-            if world % dp_replicate:
-                raise ConfigError(f"dp_replicate={dp_replicate} does not divide the {world} processes of the run.")
+            if not isinstance(dp_replicate, int) or dp_replicate < 1 or world % dp_replicate:
+                raise ConfigError(f"dp_replicate={dp_replicate!r} must be a positive divisor of the {world} processes.")
             dp_shard = world // dp_replicate
         self.dims = ParallelDims(dp_replicate, dp_shard, ep)
         self.dims.check(world)
+        self.plan = ParallelPlan(*self._plan_args)
+
+    def _configure_launcher(self) -> None:
+        self.validate(self.num_nodes * self.num_processes)
+        super()._configure_launcher()
+
+    def setup_environment(self) -> None:
+        world = self.num_nodes * self.num_processes
+        self.validate(world)
         self._data_parallel_size = world  # Lightning's own mesh: every rank is data parallel
         super().setup_environment()
         self.ling_mesh = build_mesh(self.dims, self.root_device.type)

@@ -1,0 +1,53 @@
+"""The parallel plan in one process (a one-rank mesh): activation checkpointing recomputes without changing
+the training, and the strategy's run equals the plain one."""
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+from parallel_setup import Record, make_data, make_module
+
+from ling.model.moe import GroupedExperts
+from ling.parallel.strategy import LingParallelStrategy
+
+
+def train(strategy=None, steps=2):
+    record, module = Record(), make_module()
+    calls = []
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False, callbacks=[record, Count(calls)],
+        **({"strategy": strategy} if strategy else {}),
+    )  # fmt: skip
+    trainer.fit(module, datamodule=make_data())
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in module.model.state_dict().items()}
+    if dist.is_initialized():  # the strategy's one-rank process group; later tests run without one
+        dist.destroy_process_group()
+    return record.losses, state, calls
+
+
+class Count(L.Callback):
+    """Counts the calls of the first routed-expert module: forward, plus any recomputation in backward."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def on_fit_start(self, trainer, pl_module):
+        experts = next(m for m in pl_module.model.modules() if isinstance(m, GroupedExperts))
+        experts.register_forward_hook(lambda *args: self.calls.append(1))
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return train()
+
+
+@pytest.mark.parametrize(("mode", "calls_per_micro_batch"), [("none", 1), ("full", 2), ("moe", 2)])
+def test_activation_checkpointing_recomputes_and_changes_nothing(plain, mode, calls_per_micro_batch):
+    losses, state, calls = train(LingParallelStrategy(param_dtype=None, reduce_dtype=None,
+                                                      activation_checkpointing=mode))  # fmt: skip
+    assert len(calls) == calls_per_micro_batch * 2 * 4  # 2 steps x 4 micro-batches
+    assert len(plain[2]) == 2 * 4
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain[0]), rtol=0, atol=1e-6)
+    for name, value in plain[1].items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=1e-6, msg=name)
