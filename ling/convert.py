@@ -8,6 +8,7 @@ or blockwise fp8. Tensors are read a group at a time, so a checkpoint larger tha
 
 from __future__ import annotations
 
+import abc
 import argparse
 import math
 import os
@@ -47,14 +48,14 @@ READ_BYTES = 1 << 30  # tensors read per DCP load call, beyond a single larger t
 
 
 # ---- sources -------------------------------------------------------------------------------------
-class _Source:
+class _Source(abc.ABC):
     """The model tensors of a Lightning checkpoint: internal names -> (shape, dtype), read on demand."""
 
     config: LingConfig
     shapes: dict[str, tuple[torch.Size, torch.dtype]]
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]: ...
 
 
 def _internal_name(key: str) -> str | None:

@@ -120,3 +120,18 @@ def test_bad_mesh_settings_fail_at_once():
         LingParallelStrategy(activation_checkpointing="all").validate(1)
     with pytest.raises(ConfigError, match="dp_replicate=0 must be a positive integer"):
         ParallelDims(dp_replicate=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_generation_under_the_layout_matches_one_process(runs, layout):
+    """SampleText generated with the sharded (and expert-parallel) model on both ranks; the same
+    sampling from the gathered weights in one process gives the same text."""
+    from callbacks.sample_text import SampleText
+
+    model = build_model(preset("tiny"))
+    model.load_state_dict(runs[layout]["state"])
+    sample = SampleText(max_new_tokens=12)
+    fake = type("T", (), {"datamodule": make_data(), "is_global_zero": False})()
+    sample.on_train_end(fake, type("M", (), {"model": model, "device": torch.device("cpu")})())
+    assert runs[layout]["sample"] == sample.text and len(sample.text) > len(sample.prompt)

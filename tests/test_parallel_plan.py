@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from parallel_setup import Record, make_data, make_module
 
+from ling.config import ConfigError
 from ling.model.moe import GroupedExperts
 from ling.parallel.strategy import LingParallelStrategy
 
@@ -42,12 +43,29 @@ def plain():
     return train()
 
 
-@pytest.mark.parametrize(("mode", "calls_per_micro_batch"), [("none", 1), ("full", 2), ("moe", 2)])
-def test_activation_checkpointing_recomputes_and_changes_nothing(plain, mode, calls_per_micro_batch):
-    losses, state, calls = train(LingParallelStrategy(param_dtype=None, reduce_dtype=None,
-                                                      activation_checkpointing=mode))  # fmt: skip
+@pytest.mark.parametrize(
+    ("mode", "reshard", "calls_per_micro_batch"),
+    [("none", True, 1), ("none", False, 1), ("full", True, 2), ("moe", True, 2)],
+)
+def test_activation_checkpointing_recomputes_and_changes_nothing(plain, mode, reshard, calls_per_micro_batch):
+    strategy = LingParallelStrategy(param_dtype=None, reduce_dtype=None, activation_checkpointing=mode,
+                                    reshard_after_forward=reshard)  # fmt: skip
+    losses, state, calls = train(strategy)
     assert len(calls) == calls_per_micro_batch * 2 * 4  # 2 steps x 4 micro-batches
     assert len(plain[2]) == 2 * 4
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain[0]), rtol=0, atol=1e-6)
     for name, value in plain[1].items():
         torch.testing.assert_close(state[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones():
+    """torch.compile per block (bf16 compute, as on GPUs; the first compile takes ~30 s on CPU)."""
+    eager, _, _ = train(LingParallelStrategy(param_dtype="bfloat16"))
+    compiled, _, _ = train(LingParallelStrategy(param_dtype="bfloat16", compile=True))
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=0, atol=1e-3)
+
+
+def test_compile_needs_bf16():
+    with pytest.raises(ConfigError, match="compile=True needs param_dtype='bfloat16'"):
+        LingParallelStrategy(param_dtype=None, compile=True).validate(1)

@@ -50,6 +50,11 @@ class ParallelPlan:
             value = getattr(self, name)
             if value is not None and value not in DTYPES:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(DTYPES)} (or null).")
+        if self.compile and self.param_dtype != "bfloat16":
+            raise ConfigError(
+                f"compile=True needs param_dtype='bfloat16' (got {self.param_dtype!r}): torch compiles the "
+                "grouped expert GEMM for bf16 inputs only."
+            )
 
     def mp_policy(self) -> MixedPrecisionPolicy:
         dtype = lambda name: DTYPES[name] if name else None  # noqa: E731

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 
 from callbacks.hf_export import HFExport  # noqa: E402
+from callbacks.sample_text import SampleText  # noqa: E402
 from ling.parallel.strategy import LingParallelStrategy  # noqa: E402
 from tests.parallel_setup import Record, make_data, make_module  # noqa: E402
 
@@ -32,8 +33,8 @@ def main() -> None:
     torch.set_num_threads(1)
     dp_replicate, dp_shard, ep = (int(v) for v in args.dims.split(","))
     strategy = LingParallelStrategy(dp_replicate, dp_shard, ep, param_dtype=None, reduce_dtype=None)
-    record = Record()
-    callbacks = [record]
+    record, sample = Record(), SampleText(max_new_tokens=12)
+    callbacks = [record, sample]
     if args.export:
         callbacks.append(HFExport(dirpath=args.export))
     if args.ckpt_dir:
@@ -47,7 +48,8 @@ def main() -> None:
     trainer.fit(module, datamodule=make_data(), ckpt_path=args.resume)
     state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainer.is_global_zero:
-        torch.save({"losses": record.losses, "state": state, "tokens_seen": module.tokens_seen}, args.out)
+        out = {"losses": record.losses, "state": state, "tokens_seen": module.tokens_seen, "sample": sample.text}
+        torch.save(out, args.out)
 
 
 if __name__ == "__main__":
