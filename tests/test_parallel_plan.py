@@ -69,3 +69,28 @@ def test_compiled_blocks_train_like_eager_ones():
 def test_compile_needs_bf16():
     with pytest.raises(ConfigError, match="compile=True needs param_dtype='bfloat16'"):
         LingParallelStrategy(param_dtype=None, compile=True).validate(1)
+
+
+def test_pretrained_checkpoint_loads_into_the_sharded_model(tmp_path):
+    """One step at lr 1e-30 (below fp32 resolution) with a frozen bias leaves the loaded weights as they are."""
+    from ling import preset
+    from ling.checkpoint import save_pretrained
+    from ling.model import build_model
+    from ling.module import LingModule
+    from ling.optim import OptimizerConfig
+
+    torch.manual_seed(5)
+    source = build_model(preset("tiny"))
+    save_pretrained(source, tmp_path / "hf")
+    module = LingModule(pretrained=str(tmp_path / "hf"), bias_update_rate=0.0, optimizer=OptimizerConfig(lr=1e-30))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, strategy=LingParallelStrategy(param_dtype=None, reduce_dtype=None),
+        max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        enable_checkpointing=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=make_data())
+    loaded = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.model.state_dict().items()}
+    assert loaded.keys() == source.state_dict().keys()
+    for name, value in source.state_dict().items():
+        assert torch.equal(loaded[name], value), name
+    dist.destroy_process_group()
