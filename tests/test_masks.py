@@ -8,10 +8,10 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 import ling
-from ling.data.packing import document_causal_mask, document_ids, document_positions
+from ling.data.packing import document_ids, document_positions
 from ling.model import KVCache, build_model
 from ling.model.attention import Attention
-from ling.model.masks import document_mask
+from ling.model.masks import document_causal_mask, document_mask
 from ling.model.rope import RotaryEmbedding, apply_partial_rope
 
 # Unfused eager flex attention is what CPU tests want; the advice to compile it is for real runs.

@@ -2,7 +2,8 @@
 
 import torch
 
-from ling.data.packing import document_causal_mask, document_ids, document_positions, pack_rows
+from ling.data.packing import document_ids, document_positions, pack_rows
+from ling.model.masks import document_causal_mask
 
 EOS = 256
 

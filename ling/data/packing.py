@@ -42,11 +42,3 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     starts[..., 1:] = doc_ids[..., 1:] != doc_ids[..., :-1]
     start_index = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=-1).values
     return index - start_index
-
-
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, 1, T, T] for SDPA: a query sees earlier positions of its own document only."""
-    T = doc_ids.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]
-    return (same & causal)[:, None]

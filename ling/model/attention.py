@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,6 +11,13 @@ from ling.config import LingConfig
 from ling.model.cache import KVCache
 from ling.model.norm import RMSNorm
 from ling.model.rope import apply_partial_rope
+
+
+@functools.cache
+def _flex(cuda: bool):
+    """flex_attention, compiled on GPUs: eager flex attention materialises the whole score matrix, the
+    compiled one is a fused kernel that skips the masked-out tiles. (On CPU it serves inference only.)"""
+    return torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
 
 
 class Attention(nn.Module):
@@ -48,9 +57,7 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         if isinstance(attn_mask, BlockMask):
-            # Eager flex attention materialises the full score matrix; callers that want the fused kernel
-            # compile the enclosing block (ling/parallel/ applies torch.compile from outside).
-            out = flex_attention(q, k, v, block_mask=attn_mask, enable_gqa=True)
+            out = _flex(q.is_cuda)(q, k, v, block_mask=attn_mask, enable_gqa=True)
         else:
             S = k.shape[2]
             is_causal = attn_mask is None and T == S and T > 1

@@ -10,9 +10,15 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from ling.data.packing import document_causal_mask
-
 BACKENDS = ("auto", "sdpa", "flex")
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, T, T] for SDPA: a query sees earlier positions of its own document only."""
+    T = doc_ids.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same & causal)[:, None]
 
 
 def document_mask(doc_ids: torch.Tensor, backend: str = "auto") -> torch.Tensor | BlockMask:
@@ -32,5 +38,6 @@ def document_mask(doc_ids: torch.Tensor, backend: str = "auto") -> torch.Tensor 
     def same_document_causal(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         return (kv <= q) & (doc_ids[b, q] == doc_ids[b, kv])
 
-    # H=None: one mask broadcast over all heads.
-    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
+    # H=None: one mask broadcast over all heads. On GPUs the mask is built by a compiled kernel, which
+    # never materialises the [B, T, T] grid (32K-token rows would need 1 GB per row).
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device, _compile=doc_ids.is_cuda)
