@@ -1,4 +1,4 @@
-"""Print a recipe's parameter counts, parallel layout, per-GPU memory plan and FLOPs per token.
+"""Print a recipe's parameter counts, parallel layout, per-GPU memory plan, data stages and FLOPs per token.
 
 python -m recipes.plan mini                   # the recipe's own layout
 python -m recipes.plan 1t --nodes 64 --ep 8   # what if
@@ -7,7 +7,10 @@ python -m recipes.plan 1t --nodes 64 --ep 8   # what if
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 
+from ling.data.errors import DataError
 from ling.flops import H100_SXM_BF16_PEAK_FLOPS, training_flops_per_token
 from ling.params import count_parameters, format_table
 from ling.planner import AC_MODES, LayoutError, format_plan, plan_memory
@@ -75,6 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(format_plan(plan))
     print()
+    stages = describe_stages(recipe)
+    if stages:
+        print("\n".join(stages))
+        print()
     with_mtp = training_flops_per_token(config, recipe.seq_len)
     without = training_flops_per_token(config, recipe.seq_len, include_mtp=False)
     print(f"training FLOPs per token at seq_len {recipe.seq_len:,} (forward + backward, ling.flops):")
@@ -85,6 +92,43 @@ def main(argv: list[str] | None = None) -> None:
         f"  100% MFU on an H100 (bf16 dense peak {H100_SXM_BF16_PEAK_FLOPS / 1e12:.0f} TFLOP/s) = "
         f"{H100_SXM_BF16_PEAK_FLOPS / with_mtp:,.0f} tokens/s per GPU"
     )
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.4g}{unit}"
+    return str(n)
+
+
+def describe_stages(recipe: Recipe) -> list[str]:
+    """One line per data stage at the full batch: length, budget, steps, batch shape, memory per GPU, mixture."""
+    if not recipe.stages:
+        return []
+    config = recipe.config()
+    header = f"{'stage':<14}{'seq_len':>8}{'tokens':>9}{'~steps':>10}{'rows/step':>10}{'rows/mb':>8}{'mb/rank':>8}"
+    lines = ["data stages (at the full batch)", header + f"{'GB/GPU':>8}  mixture"]
+    try:
+        curriculum, too_big = recipe.curriculum(), False
+    except RecipeError as err:
+        return [f"data stages: {err}"]
+    for stage in recipe.stages:
+        try:
+            seq_len, rows, per_micro, micro = curriculum.shape(stage, recipe.global_batch)
+        except DataError as err:
+            lines.append(f"{stage.name:<14}{err}")
+            continue
+        plan = plan_memory(config, dataclasses.replace(recipe.layout, seq_len=seq_len, micro_batch=per_micro))
+        too_big |= not plan.fits
+        tokens = _count(stage.tokens) if stage.tokens else "open"
+        steps = f"{math.ceil(stage.tokens / (rows * seq_len)):,}" if stage.tokens else "-"
+        mixture = ", ".join(f"{k} {v:g}" for k, v in (stage.mixture or {}).items()) or "equal"
+        memory = f"{plan.total / 1e9:.1f}" + ("" if plan.fits else "!")
+        shape = f"{rows:>10,}{per_micro:>8}{micro:>8}"
+        lines.append(f"{stage.name:<14}{seq_len:>8,}{tokens:>9}{steps:>10}{shape}{memory:>8}  {mixture}")
+    if too_big:
+        lines.append("! more than the GPU memory on this layout (the fp32 logits of long rows dominate)")
+    return lines
 
 
 if __name__ == "__main__":

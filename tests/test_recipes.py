@@ -146,3 +146,15 @@ def test_configs_are_generated_from_the_recipes(name):
     assert config["data"]["global_batch_size"] == recipe.global_batch
     assert config["data"]["seq_len"] == recipe.seq_len
     assert config["trainer"]["num_nodes"] * config["trainer"]["devices"] == recipe.layout.world
+
+
+def test_plan_cli_prints_the_data_stages(capsys):
+    main(["mini"])
+    out = capsys.readouterr().out
+    # pretrain_1: 10T tokens / (4,400 x 4,096 tokens per step) = 554,865.9 -> 554,866 steps
+    assert "pretrain_1       4,096      10T   554,866     4,400       1     275" in out
+    # 32K rows: 544 per step (34 per rank); 150B / (544 x 32,768) = 8,414.5 -> 8,415 steps
+    assert "long_context    32,768     150B     8,415       544       1      34" in out
+    assert "! more than the GPU memory on this layout" in out
+    main(["tiny"])
+    assert "yarn               512     open         -         4       2       2" in capsys.readouterr().out
