@@ -25,6 +25,7 @@ from ling.model import LingForCausalLM
 from ling.model.masks import document_mask
 from ling.optim import OptimizerConfig, build_optimizer
 from ling.parallel.clip import clip_grad_norm_
+from ling.planner import LOSS_CHUNK_TOKENS
 from ling.presets import preset
 from ling.schedules import ScheduleConfig, build_scheduler
 
@@ -54,6 +55,7 @@ class LingModule(L.LightningModule):
         optimizer: OptimizerConfig | None = None,
         schedule: ScheduleConfig | None = None,
         peak_flops_per_device: float | None = None,
+        loss_chunk_tokens: int | None = LOSS_CHUNK_TOKENS,
     ):
         """
         Args:
@@ -68,6 +70,9 @@ class LingModule(L.LightningModule):
             optimizer: AdamW settings.
             schedule: learning-rate schedule (WSM by default, as in the Ling 2.0 report).
             peak_flops_per_device: peak FLOP/s of one device, for MFU (none: MFU is not logged).
+            loss_chunk_tokens: compute the training and validation losses this many tokens at a time,
+                recomputing each chunk's logits in backward, so the full [tokens, vocab] logits never
+                exist (None: whole logits).
         """
         super().__init__()
         # Settings objects are stored as plain dicts so checkpoints load with weights_only=True.
@@ -98,6 +103,9 @@ class LingModule(L.LightningModule):
         self.hparams["optimizer"] = dataclasses.asdict(self.optimizer_config)
         self.hparams["schedule"] = dataclasses.asdict(self.schedule_config)
         self.peak_flops_per_device = peak_flops_per_device
+        if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
+            raise ConfigError(f"loss_chunk_tokens={loss_chunk_tokens} must be a positive number of tokens or null.")
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.model: LingForCausalLM | None = None
         self.expert_load = ExpertLoad()
         self.tokens_seen = 0
@@ -204,7 +212,9 @@ class LingModule(L.LightningModule):
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
-        return self.model(input_ids, labels=labels, mtp_loss_weight=self.mtp_loss_weight, **kwargs)
+        return self.model(
+            input_ids, labels=labels, mtp_loss_weight=self.mtp_loss_weight, loss_chunk=self.loss_chunk_tokens, **kwargs
+        )
 
     @staticmethod
     def _isolation(batch: dict[str, torch.Tensor], i: int | None = None) -> dict:
@@ -303,7 +313,7 @@ class LingModule(L.LightningModule):
         rank_zero_info(f"finished at step {self.trainer.global_step}: " + ", ".join(parts))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self.model(batch["input_ids"], labels=batch["labels"], **self._isolation(batch))
+        out = self(batch["input_ids"], batch["labels"], **self._isolation(batch))
         rows = batch["input_ids"].shape[0]
         self.log("val/loss", out.main_loss, prog_bar=True, sync_dist=True, batch_size=rows)
         names = getattr(self.trainer.datamodule, "source_names", None)

@@ -45,6 +45,9 @@ def _positive_int(name: str, value) -> None:
         raise LayoutError(f"{name}={value!r} must be a positive integer.")
 
 
+LOSS_CHUNK_TOKENS = 2048  # tokens per chunk of the training loss (LingModule's default)
+
+
 @dataclass
 class ParallelLayout:
     """How one training job is laid out on GPUs (see the module docstring for the meshes)."""
@@ -57,6 +60,7 @@ class ParallelLayout:
     micro_batch: int = 1
     seq_len: int = 4096
     gpu_memory_gb: float = 80.0
+    loss_chunk_tokens: int | None = LOSS_CHUNK_TOKENS  # None: whole logits (see ling.model.chunked_cross_entropy)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,6 +82,8 @@ class ParallelLayout:
         """Raise LayoutError naming the first impossible value; with a config, also check the experts."""
         for name in ("nodes", "gpus_per_node", "ep", "dp_replicate", "micro_batch", "seq_len"):
             _positive_int(name, getattr(self, name))
+        if self.loss_chunk_tokens is not None:
+            _positive_int("loss_chunk_tokens", self.loss_chunk_tokens)
         if self.activation_checkpointing not in AC_MODES:
             raise LayoutError(
                 f"activation_checkpointing={self.activation_checkpointing!r} is not a mode; use one of {AC_MODES}."
@@ -240,7 +246,9 @@ def block_activation_bytes(config: LingConfig, tokens: int, kind: Literal["dense
 MOE_ITEMS = ("router", "routing", "sorted_rows", "expert_hidden", "expert_out", "combine", "shared_hidden")
 
 
-def activation_bytes(config: LingConfig, micro_batch: int, seq_len: int, mode: str) -> dict[str, int]:
+def activation_bytes(
+    config: LingConfig, micro_batch: int, seq_len: int, mode: str, loss_chunk: int | None = None
+) -> dict[str, int]:
     """Peak activation bytes of one micro-batch, itemised into stored / logits / transient.
 
     N = micro_batch * seq_len, L decoder layers, D MTP layers, V vocabulary, blocks as in
@@ -257,6 +265,8 @@ def activation_bytes(config: LingConfig, micro_batch: int, seq_len: int, mode: s
       none: stored = every block in full + head_inputs; transient = loss_bwd.
     total = stored + logits + transient. Counting the logits in full while a block is recomputed is
     conservative: their fp32 half is freed by the time the backward reaches the blocks.
+    With loss_chunk (tokens), the loss never holds more than one chunk's logits: logits and loss_bwd
+    are those of min(N, loss_chunk) tokens of one head.
     """
     if mode not in AC_MODES:
         raise LayoutError(f"activation_checkpointing={mode!r} is not a mode; use one of {AC_MODES}.")
@@ -265,8 +275,13 @@ def activation_bytes(config: LingConfig, micro_batch: int, seq_len: int, mode: s
     kinds = ["moe" if config.is_moe_layer(i) else "dense" for i in range(config.num_hidden_layers)] + ["mtp"] * D
     blocks = {kind: block_activation_bytes(config, N, kind) for kind in set(kinds)}
     head_inputs = _norm(N, H) + N * H * s + D * N * H * s
-    logits = (1 + D) * N * V * (s + 4)
-    loss_bwd = N * V * (4 + 4)
+    if loss_chunk is None:
+        logits = (1 + D) * N * V * (s + 4)
+        loss_bwd = N * V * (4 + 4)
+    else:  # chunked loss: one chunk's logits at a time, in forward and again in its backward
+        chunk = min(N, loss_chunk)
+        logits = chunk * V * (s + 4)
+        loss_bwd = chunk * V * (4 + 4)
     if mode == "full":
         stored = config.num_hidden_layers * N * H * s + D * 2 * N * H * s
         transient = max(loss_bwd, max(sum(b.values()) for b in blocks.values()))
@@ -353,7 +368,9 @@ def plan_memory(
     unit_sizes = {name: non_expert + expert // layout.ep for name, non_expert, expert in params.units}
     largest_unit = max(unit_sizes, key=unit_sizes.__getitem__)
     U = unit_sizes[largest_unit]
-    detail = activation_bytes(config, layout.micro_batch, layout.seq_len, layout.activation_checkpointing)
+    detail = activation_bytes(
+        config, layout.micro_batch, layout.seq_len, layout.activation_checkpointing, layout.loss_chunk_tokens
+    )
     plan = MemoryPlan(
         config=config,
         layout=layout,
@@ -387,7 +404,15 @@ def format_plan(plan: MemoryPlan) -> str:
             plan.activations,
         ),  # fmt: skip
         ("  stored for backward (block inputs / saved tensors)", plan.activation_detail["stored"]),
-        ("  logits + fp32 log-softmax (main + MTP heads)", plan.activation_detail["logits"]),
+        (
+            "  logits + fp32 log-softmax "
+            + (
+                "(main + MTP heads)"
+                if plan.layout.loss_chunk_tokens is None
+                else f"(one chunk of {plan.layout.loss_chunk_tokens:,} tokens)"
+            ),
+            plan.activation_detail["logits"],
+        ),
         ("  transient peak (loss backward or one block's recompute)", plan.activation_detail["transient"]),
         ("fixed headroom (CUDA context, NCCL, workspaces)", plan.fixed_headroom),
         ("allocator fragmentation", plan.fragmentation),

@@ -94,6 +94,7 @@ def stage_config(recipe: Recipe) -> dict:
             "mtp_loss_weight": recipe.mtp_loss_weight,
             "bias_update_rate": recipe.bias_update_rate,
             "grad_clip": recipe.grad_clip,
+            "loss_chunk_tokens": recipe.layout.loss_chunk_tokens,
             "optimizer": {"lr": recipe.peak_lr, "betas": list(recipe.betas), "weight_decay": recipe.weight_decay},
             "schedule": {"name": "wsm", "warmup_steps": recipe.warmup_steps},
         },

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--ac", choices=AC_MODES, help="activation checkpointing")
     parser.add_argument("--gpu-memory-gb", type=float)
+    parser.add_argument("--loss-chunk", type=int, help="tokens per chunk of the loss (0: whole logits)")
     args = parser.parse_args(argv)
     try:
         recipe = get_recipe(args.recipe)
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         changes = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
         if args.ac is not None:
             changes["activation_checkpointing"] = args.ac
+        if args.loss_chunk is not None:
+            changes["loss_chunk_tokens"] = args.loss_chunk or None
         if changes:
             recipe = recipe.with_layout(**changes)
         config = recipe.config()

@@ -155,6 +155,8 @@ def test_plan_cli_prints_the_data_stages(capsys):
     assert "pretrain_1       4,096      10T   554,866     4,400       1     275" in out
     # 32K rows: 544 per step (34 per rank); 150B / (544 x 32,768) = 8,414.5 -> 8,415 steps
     assert "long_context    32,768     150B     8,415       544       1      34" in out
-    assert "! more than the GPU memory on this layout" in out
+    assert "! more than the GPU memory" not in out  # with the chunked loss every stage fits
+    main(["mini", "--loss-chunk", "0"])  # whole logits: the 32K stages do not fit
+    assert "! more than the GPU memory on this layout" in capsys.readouterr().out
     main(["tiny"])
     assert "yarn               512     open         -         4       2       2" in capsys.readouterr().out

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ling.config import LingConfig
 from ling.model.block import DecoderLayer, MTPLayer
@@ -20,7 +21,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class LingOutput:
-    logits: torch.Tensor  # [B, T, V] main-head logits
+    logits: torch.Tensor | None  # [B, T, V] main-head logits (None when the loss was computed in chunks)
     loss: torch.Tensor | None = None  # main + mtp weight * mean MTP loss + router aux loss
     main_loss: torch.Tensor | None = None
     mtp_losses: list[torch.Tensor] = field(default_factory=list)
@@ -37,6 +38,28 @@ def shift_left(x: torch.Tensor, fill: int) -> torch.Tensor:
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean CE in fp32 over labels that are not IGNORE_INDEX (0 when there are none)."""
     total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """cross_entropy(head(hidden), labels) without ever holding the logits of more than `chunk` tokens.
+
+    Each chunk's logits are computed, reduced to a loss sum and dropped; backward recomputes them one
+    chunk at a time (activation checkpointing of the head). At Ling's 157K vocabulary the logits of a
+    32K-token row (and their fp32 log-softmax, for the main and the MTP head) would otherwise take
+    tens of GB, more than all the other activations together. The head matmul runs once more per token.
+    """
+    flat_hidden, flat_labels = hidden.flatten(0, 1), labels.flatten()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat_labels.numel(), chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(_chunk_loss_sum, flat_hidden[part], head.weight, flat_labels[part],
+                                   use_reentrant=False)  # fmt: skip
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
@@ -111,9 +134,13 @@ class LingForCausalLM(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         mtp_loss_weight: float | None = None,
+        loss_chunk: int | None = None,
     ) -> LingOutput:
         """input_ids [B, T]; labels [B, T] are the next tokens (labels[:, t] follows input_ids[:, t]),
-        IGNORE_INDEX where no loss is wanted. MTP layers run when labels are given."""
+        IGNORE_INDEX where no loss is wanted. MTP layers run when labels are given.
+
+        loss_chunk: with labels, compute the losses `loss_chunk` tokens at a time and return no
+        logits (training); None keeps the whole logits (evaluation, tests)."""
         B, T = input_ids.shape
         if position_ids is None:
             start = kv_cache.length if kv_cache is not None else 0
@@ -128,16 +155,19 @@ class LingForCausalLM(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         h = self.model.norm(h)
-        out = LingOutput(logits=self.lm_head(h))
+        chunked = labels is not None and loss_chunk is not None
+        out = LingOutput(logits=None if chunked else self.lm_head(h))
         if labels is not None:
-            out.main_loss = cross_entropy(out.logits, labels)
+            out.main_loss = self._loss(out.logits, h, labels, loss_chunk)
             ids, mtp_labels, hidden = input_ids, labels, h
             for layer in self.model.mtp_layers:
                 ids, mtp_labels = shift_left(ids, 0), shift_left(mtp_labels, IGNORE_INDEX)
                 hidden, layer_stats = layer(self.model.word_embeddings(ids), hidden, cos, sin, attn_mask)
                 stats.append(layer_stats)
-                out.mtp_logits.append(self.lm_head(hidden))
-                out.mtp_losses.append(cross_entropy(out.mtp_logits[-1], mtp_labels))
+                logits = None if chunked else self.lm_head(hidden)
+                if logits is not None:
+                    out.mtp_logits.append(logits)
+                out.mtp_losses.append(self._loss(logits, hidden, mtp_labels, loss_chunk))
             out.loss = out.main_loss
             if out.mtp_losses:
                 weight = self.config.mtp_loss_scaling_factor if mtp_loss_weight is None else mtp_loss_weight
@@ -150,6 +180,11 @@ class LingForCausalLM(nn.Module):
         if stats:
             out.tokens_per_expert = torch.stack([s.tokens_per_expert for s in stats])
         return out
+
+    def _loss(self, logits, hidden, labels, chunk) -> torch.Tensor:
+        if logits is not None:
+            return cross_entropy(logits, labels)
+        return chunked_cross_entropy(hidden, self.lm_head, labels, chunk)
 
 
 def build_model(
