@@ -183,10 +183,13 @@ class LingDataModule(L.LightningDataModule):
         self.mixture_plan: MixturePlan | None = None
         self.train_rows: list[SourceRows] = []
         self.val_streams: list[tuple[TokenStream, int]] = []
+        self._streams: list[TokenStream] | None = None
         self._start = 0
 
     # ---- preparation ----------------------------------------------------------------------------
     def _tokenized(self) -> list[TokenStream]:
+        if self._streams is not None:  # prepared in this process already (prepare_data, then setup)
+            return self._streams
         streams = []
         for name, spec in self.specs.items():
             raw = load_source(name, spec)
@@ -195,6 +198,7 @@ class LingDataModule(L.LightningDataModule):
                 name, raw, self.tokenizer, field, spec.messages_field is not None, self.cache_dir, self.num_proc
             )
             streams.append(TokenStream(tokenized, name))
+        self._streams = streams
         return streams
 
     def prepare_data(self) -> None:
