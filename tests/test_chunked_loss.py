@@ -3,9 +3,9 @@ logits for backward."""
 
 import pytest
 import torch
+from activation_probe import probe_model, saved_bytes
 
-from ling import preset
-from ling.model import IGNORE_INDEX, build_model
+from ling.model import IGNORE_INDEX
 from ling.planner import activation_bytes
 
 
@@ -36,29 +36,12 @@ def test_chunked_loss_equals_the_whole_logits_loss(tiny_model, chunk):
 def test_chunked_loss_keeps_no_logits_for_backward():
     """What autograd saves (distinct non-parameter storages), measured: with the whole-logits loss it
     holds every head's logits and fp32 log-softmax; chunked, only the planner's `stored` estimate."""
-    cfg = preset("tiny", hidden_size=256, vocab_size=4096, pad_token_id=0, eos_token_id=0, head_dim=32)
-    cfg = cfg.replace(num_attention_heads=8, intermediate_size=512, moe_intermediate_size=64)
-    torch.manual_seed(0)
-    model = build_model(cfg, dtype=torch.bfloat16)
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    cfg, model = probe_model()
     B, T = 2, 64
     ids = torch.randint(0, cfg.vocab_size, (B, T))
-
-    def saved_bytes(**kwargs) -> int:
-        saved: dict[int, int] = {}
-
-        def pack(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in weights and storage.nbytes():
-                saved[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(ids, labels=ids, **kwargs)
-        return sum(saved.values())
-
+    chunked, _ = saved_bytes(model, ids, loss_chunk=16)
+    whole, _ = saved_bytes(model, ids)
     estimate = activation_bytes(cfg, B, T, "none", loss_chunk=16)
-    chunked = saved_bytes(loss_chunk=16)
     assert chunked == pytest.approx(estimate["stored"], rel=0.03)
     whole_logits = 2 * B * T * cfg.vocab_size * 4  # the fp32 log-softmax of the main and MTP heads
-    assert saved_bytes() - chunked >= whole_logits
+    assert whole - chunked >= whole_logits

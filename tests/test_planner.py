@@ -149,26 +149,12 @@ def test_activation_estimate_against_the_tensors_autograd_saves():
     output holds. The saved bytes come out 1.3% below the estimate for this shape (SDPA kernels
     differ between CPU and GPU in what they keep); 3% of slack is allowed."""
     torch = pytest.importorskip("torch")
-    from ling.model import build_model
+    from activation_probe import probe_model, saved_bytes
 
-    cfg = preset("tiny", hidden_size=256, vocab_size=4096, pad_token_id=0, eos_token_id=0, head_dim=32)
-    cfg = cfg.replace(num_attention_heads=8, intermediate_size=512, moe_intermediate_size=64)
-    torch.manual_seed(0)
-    model = build_model(cfg, dtype=torch.bfloat16)
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights and storage.nbytes():
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
+    cfg, model = probe_model()
     B, T = 2, 64
-    ids = torch.randint(0, cfg.vocab_size, (B, T))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(ids, labels=ids)
+    saved, out = saved_bytes(model, torch.randint(0, cfg.vocab_size, (B, T)))
     kept_logits = sum(x.numel() * x.element_size() for x in [out.logits, *out.mtp_logits])
-    measured = sum(saved.values()) + kept_logits
+    measured = saved + kept_logits
     estimate = activation_bytes(cfg, B, T, "none")
     assert measured == pytest.approx(estimate["stored"] + estimate["logits"], rel=0.03)
