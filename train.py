@@ -41,24 +41,9 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
-def user_error(err: BaseException) -> BaseException | None:
-    """The user error behind `err`, also when the config parser wrapped it (it instantiates the
-    strategy, callbacks and other classes while checking the config)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, USER_ERRORS):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
 if __name__ == "__main__":
     try:
         main()
-    except Exception as err:
-        cause = user_error(err)
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

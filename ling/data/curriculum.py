@@ -173,7 +173,3 @@ class Curriculum:
         else:
             self._next = (step + 1, index, in_stage + 1, tokens_before + plan.tokens)
         return plan
-
-    def stage_start(self, stage: int, step: int) -> int:
-        """The first step of `stage`, given any step inside it."""
-        return step - self.plan(step).step_in_stage

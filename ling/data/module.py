@@ -304,9 +304,6 @@ class LingDataModule(L.LightningDataModule):
         return DataLoader(_Batches(batches), batch_size=None)
 
     # ---- reporting and state ----------------------------------------------------------------------
-    def stage_of(self, step: int) -> Stage:
-        return self.stages[self.curriculum.plan(step).stage]
-
     @property
     def unigram_entropy(self) -> float:
         """Entropy (nats) of the first stage's token distribution: the loss of a model ignoring context."""

@@ -9,7 +9,6 @@ the memory-mapped file, so sources far larger than RAM can be sampled.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import datasets
@@ -21,8 +20,8 @@ PIPELINE_VERSION = 1  # bump when the tokenised layout changes, to invalidate ol
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("HF_DATASETS_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface"))
-    return Path(root) / "ling-train"
+    """`ling-train` inside the datasets cache ($HF_DATASETS_CACHE, by default $HF_HOME/datasets)."""
+    return Path(datasets.config.HF_DATASETS_CACHE) / "ling-train"
 
 
 class _Encode:
