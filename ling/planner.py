@@ -249,24 +249,30 @@ MOE_ITEMS = ("router", "routing", "sorted_rows", "expert_hidden", "expert_out", 
 def activation_bytes(
     config: LingConfig, micro_batch: int, seq_len: int, mode: str, loss_chunk: int | None = None
 ) -> dict[str, int]:
-    """Peak activation bytes of one micro-batch, itemised into stored / logits / transient.
+    """Activation bytes of one micro-batch in three parts; the peak is stored + max(loss, recompute).
 
     N = micro_batch * seq_len, L decoder layers, D MTP layers, V vocabulary, blocks as in
-    block_activation_bytes. Common to every mode:
-      head_inputs = final norm N*H*(4+2) + 4N + its output N*H*2, plus N*H*2 per MTP head input
-      logits      = (1 + D) * N*V*(2 + 4)   bf16 logits of each head + the fp32 log-softmax the
-                                             cross entropy saves (kept until the loss backward)
-      loss_bwd    = N*V*(4 + 4)             fp32 gradient in and out of one head's log-softmax
-    Modes:
-      full: stored = L*N*H*2 + D*2*N*H*2 (each block's checkpointed inputs; MTP takes embeddings and
-            hidden states) + head_inputs; transient = max(loss_bwd, largest block recomputed).
-      moe:  stored = every block except the MoE internals (router ... shared_hidden), whose input is
-            already the post_norm output + head_inputs; transient = max(loss_bwd, one MoE recompute).
-      none: stored = every block in full + head_inputs; transient = loss_bwd.
-    total = stored + logits + transient. Counting the logits in full while a block is recomputed is
-    conservative: their fp32 half is freed by the time the backward reaches the blocks.
-    With loss_chunk (tokens), the loss never holds more than one chunk's logits: logits and loss_bwd
-    are those of min(N, loss_chunk) tokens of one head.
+    block_activation_bytes, c = min(N, loss_chunk) tokens per chunk of the loss.
+
+    stored (kept from the forward until the backward reaches it), with
+      head_inputs = final norm N*H*(4+2) + 4N + its output N*H*2, plus N*H*2 per MTP head input:
+      full: L*N*H*2 (each decoder block's checkpointed input) + D*N*H*2 (each MTP layer's token
+            embeddings; its other input, the hidden states of the head before it, is a head input
+            already) + head_inputs.
+      moe:  every block except the MoE internals (router ... shared_hidden), whose input is already
+            the post_norm output, + head_inputs.
+      none: every block in full + head_inputs.
+    loss (while a head's loss runs backward)
+      whole logits: (1 + D) * N*V*(2 + 4)   bf16 logits of each head + the fp32 log-softmax the
+                                             cross entropy saves, + N*V*(4 + 4), the fp32 gradient
+                                             in and out of one head's log-softmax
+      chunked:      c*V*(2 + 4) + c*V*(4 + 4), the same for one chunk of one head
+    recompute (while one checkpointed part runs its forward again in backward)
+      full: the largest block; moe: the largest MoE internals; none: 0.
+      With whole logits, add (1 + D) * N*V*(2 + 4): they are counted as held while blocks recompute
+      (conservative: their fp32 half is freed by then). With the chunked loss nothing of the loss is
+      held then: a chunk's logits exist only inside its own recompute and backward, and autograd
+      finishes every chunk of a head before it reaches the block that made the head's input.
     """
     if mode not in AC_MODES:
         raise LayoutError(f"activation_checkpointing={mode!r} is not a mode; use one of {AC_MODES}.")
@@ -276,24 +282,27 @@ def activation_bytes(
     blocks = {kind: block_activation_bytes(config, N, kind) for kind in set(kinds)}
     head_inputs = _norm(N, H) + N * H * s + D * N * H * s
     if loss_chunk is None:
-        logits = (1 + D) * N * V * (s + 4)
-        loss_bwd = N * V * (4 + 4)
-    else:  # chunked loss: one chunk's logits at a time, in forward and again in its backward
+        held = (1 + D) * N * V * (s + 4)
+        loss = held + N * V * (4 + 4)
+    else:
         chunk = min(N, loss_chunk)
-        logits = chunk * V * (s + 4)
-        loss_bwd = chunk * V * (4 + 4)
+        held = 0
+        loss = chunk * V * (s + 4) + chunk * V * (4 + 4)
     if mode == "full":
-        stored = config.num_hidden_layers * N * H * s + D * 2 * N * H * s
-        transient = max(loss_bwd, max(sum(b.values()) for b in blocks.values()))
+        stored = config.num_hidden_layers * N * H * s + D * N * H * s
+        recompute = max(sum(b.values()) for b in blocks.values())
     elif mode == "moe":
         stored = sum(sum(v for k, v in blocks[kind].items() if k not in MOE_ITEMS) for kind in kinds)
-        moe_internals = [sum(v for k, v in b.items() if k in MOE_ITEMS) for b in blocks.values()]
-        transient = max(loss_bwd, max(moe_internals))
+        recompute = max(sum(v for k, v in b.items() if k in MOE_ITEMS) for b in blocks.values())
     else:
         stored = sum(sum(blocks[kind].values()) for kind in kinds)
-        transient = loss_bwd
-    stored += head_inputs
-    return {"stored": stored, "logits": logits, "transient": transient}
+        recompute = 0
+    return {"stored": stored + head_inputs, "loss": loss, "recompute": recompute + held}
+
+
+def peak_activation_bytes(detail: dict[str, int]) -> int:
+    """The activation peak of an activation_bytes result: stored + the larger of the two phases."""
+    return detail["stored"] + max(detail["loss"], detail["recompute"])
 
 
 # ---- the plan ---------------------------------------------------------------------------------
@@ -355,7 +364,7 @@ def plan_memory(
                                                      prefetched while the current one computes
       gradient buffers  U * (2 + 4)                  the unit's unsharded bf16 gradient and its fp32
                                                      reduce-scatter copy
-      activations       activation_bytes(...)        one micro-batch, per the checkpointing mode
+      activations       peak_activation_bytes(...)   one micro-batch, per the checkpointing mode
       fixed headroom    fixed_headroom_gb            CUDA context, cuBLAS workspace, NCCL buffers
       fragmentation     fragmentation * (all above)  caching-allocator slack
 
@@ -380,7 +389,7 @@ def plan_memory(
         optimizer=params.trainable * 8 / shard,
         gathered_params=2 * U * 2,
         gradient_buffers=U * (2 + 4),
-        activations=float(sum(detail.values())),
+        activations=float(peak_activation_bytes(detail)),
         activation_detail=detail,
         largest_unit=largest_unit,
         fixed_headroom=fixed_headroom_gb * GB,
@@ -392,6 +401,7 @@ def plan_memory(
 
 def format_plan(plan: MemoryPlan) -> str:
     """A table of GB (1e9 bytes) per GPU for each line item, the total, the budget and whether it fits."""
+    chunk = plan.layout.loss_chunk_tokens
     rows = [
         ("parameters (fp32 master, sharded; expert_bias replicated)", plan.parameters),
         ("gradients (fp32, sharded)", plan.gradients),
@@ -405,15 +415,14 @@ def format_plan(plan: MemoryPlan) -> str:
         ),  # fmt: skip
         ("  stored for backward (block inputs / saved tensors)", plan.activation_detail["stored"]),
         (
-            "  logits + fp32 log-softmax "
-            + (
-                "(main + MTP heads)"
-                if plan.layout.loss_chunk_tokens is None
-                else f"(one chunk of {plan.layout.loss_chunk_tokens:,} tokens)"
-            ),
-            plan.activation_detail["logits"],
+            "  + the larger of: the loss "
+            + ("(whole logits, main + MTP heads)" if chunk is None else f"(one chunk of {chunk:,} tokens)"),
+            plan.activation_detail["loss"],
         ),
-        ("  transient peak (loss backward or one block's recompute)", plan.activation_detail["transient"]),
+        (
+            "    or one block's recompute" + (" (+ the whole logits)" if chunk is None else ""),
+            plan.activation_detail["recompute"],
+        ),
         ("fixed headroom (CUDA context, NCCL, workspaces)", plan.fixed_headroom),
         ("allocator fragmentation", plan.fragmentation),
     ]

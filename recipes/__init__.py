@@ -2,7 +2,8 @@
 
 A recipe names a ling preset and holds the Ling 2.0 report's training plan for it (peak LR, warmup,
 batch and its ramp, MTP weight, router bias-update rates, AdamW settings, init std) plus an example
-parallel layout that fits 80 GB H100s on paper (`python -m recipes.plan <name>` shows the plan).
+parallel layout on which every stage it ships fits 80 GB H100s on paper (`python -m recipes.plan
+<name>` shows the plan; a stage that fits no layout is left out of the config, with the reason).
 
 Batch sizes are in sequences (the report's Table 1 gives 4,400 / 8,352 / 18,144 without units; at
 4,096 tokens that is 18.0M / 34.2M / 74.3M tokens per step). The report ramps the batch from 3,024
@@ -47,6 +48,10 @@ class Recipe:
     `layout.micro_batch` and `layout.seq_len` must equal `micro_batch` and `seq_len` (checked), so
     the memory plan always describes the run. All ranks are data parallel (experts are carved out of
     them), so accumulate_grad_batches = global_batch / (layout.world * micro_batch).
+
+    `left_out` holds stages of the plan that the exported config does not run (for instance because
+    no layout of the strategy fits them in the GPU memory), with `left_out_reason` saying why; the
+    plan CLI still shows their memory, and the config's header names them.
     """
 
     name: str
@@ -74,6 +79,8 @@ class Recipe:
     stages: list[Stage] = field(default_factory=list)
     batch_mode: str = "tokens"
     export_rope_scaling: dict | None = None  # written into the exported HF config (context extension at inference)
+    left_out: list[Stage] = field(default_factory=list)
+    left_out_reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.preset.lower() not in PRESETS:
@@ -100,6 +107,15 @@ class Recipe:
                     f"recipe {self.name!r}: the batch ramp must start below global_batch={self.global_batch} and "
                     f"reach it in whole increments, but start={start} with increment={inc} does not."
                 )
+        if bool(self.left_out) != bool(self.left_out_reason):
+            raise RecipeError(
+                f"recipe {self.name!r}: left_out stages and left_out_reason go together (a stage is left "
+                "out of the config for a stated reason)."
+            )
+        shipped = {stage.name for stage in self.stages}
+        clash = [stage.name for stage in self.left_out if stage.name in shipped]
+        if clash:
+            raise RecipeError(f"recipe {self.name!r}: stage {clash[0]!r} is both in stages and in left_out.")
         if self.stages:
             budgets = sum(stage.tokens or 0 for stage in self.stages)
             if budgets > self.train_tokens:
@@ -108,10 +124,12 @@ class Recipe:
                     f"train_tokens={self.train_tokens:,}."
                 )
 
-    def curriculum(self) -> Curriculum:
-        """The data plan on this recipe's layout; every stage's batch must be whole micro-batches per rank."""
+    def curriculum(self, stages: list[Stage] | None = None) -> Curriculum:
+        """The data plan (of `stages`, default the recipe's) on this recipe's layout; every stage's batch
+        must be whole micro-batches per rank."""
+        stages = self.stages if stages is None else stages
         try:
-            return Curriculum(self.stages or [Stage(seq_len=self.seq_len)], list(self.sources), self.seq_len,
+            return Curriculum(stages or [Stage(seq_len=self.seq_len)], list(self.sources), self.seq_len,
                               self.micro_batch, self.global_batch, self.batch_ramp, self.layout.world,
                               self.batch_mode)  # fmt: skip
         except DataError as err:
@@ -220,21 +238,34 @@ def report_stages(global_batch: int, seq_len: int, ranks: int) -> list[Stage]:
     ]  # fmt: skip
 
 
-def report_recipe(name: str, peak_lr: float, global_batch: int, nodes: int, ep: int) -> Recipe:
+def report_recipe(
+    name: str, peak_lr: float, global_batch: int, nodes: int, ep: int,
+    leave_out: tuple[str, ...] = (), reason: str | None = None,
+) -> Recipe:  # fmt: skip
     """A real-size recipe as the Ling 2.0 report trains it: 4,096-token sequences, 2,000 warmup steps,
     the batch ramped from 3,024 over ~500B tokens, on `nodes` x 8 H100-80GB with full activation
     checkpointing and micro-batch 1. The ramp increment is the rank count, so every ramp batch is a
-    whole number of micro-batches per rank (accumulation grows by one per increment)."""
+    whole number of micro-batches per rank (accumulation grows by one per increment).
+
+    `leave_out` names report stages the config does not run, for `reason`; train_tokens counts the
+    stages it runs, and YaRN is written at export only when a 32K stage is among them (the 128K
+    context is YaRN on a model trained at 32K)."""
     seq_len, micro_batch = 4096, 1
     layout = ParallelLayout(nodes=nodes, ep=ep, activation_checkpointing="full", micro_batch=micro_batch,
                             seq_len=seq_len)  # fmt: skip
-    stages = report_stages(global_batch, seq_len, layout.world)
+    plan = report_stages(global_batch, seq_len, layout.world)
+    unknown = sorted(set(leave_out) - {stage.name for stage in plan})
+    if unknown:
+        raise RecipeError(f"recipe {name!r} leaves out stage {unknown[0]!r}, which is not a report stage.")
+    stages = [stage for stage in plan if stage.name not in leave_out]
     return Recipe(
         train_tokens=sum(stage.tokens for stage in stages),
         tokenizer=f"checkpoints/Ling-{name}-2.0",
         sources=copy.deepcopy(REPORT_SOURCES),
         stages=stages,
-        export_rope_scaling=dict(YARN_128K),
+        left_out=[stage for stage in plan if stage.name in leave_out],
+        left_out_reason=reason,
+        export_rope_scaling=dict(YARN_128K) if any(s.seq_len == LONG_SEQ_LEN for s in stages) else None,
         name=name,
         preset=name,
         peak_lr=peak_lr,

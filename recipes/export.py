@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -136,6 +137,10 @@ def render(recipe: Recipe) -> str:
             + (f", ramped from {recipe.batch_ramp_start:,}" if recipe.batch_ramp_start else "")
         ),
     )
+    if recipe.left_out:
+        names = ", ".join(f"{stage.name} ({stage.seq_len:,} tokens)" for stage in recipe.left_out)
+        note = f"Left out of the report's plan: {names}; {recipe.left_out_reason}."
+        header += "".join(f"# {line}\n" for line in textwrap.wrap(note, 98))
     return header + yaml.safe_dump(stage_config(recipe), sort_keys=False, width=100)
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import textwrap
 
 from ling.data.errors import DataError
 from ling.flops import H100_SXM_BF16_PEAK_FLOPS, training_flops_per_token
 from ling.params import count_parameters, format_table
-from ling.planner import AC_MODES, LayoutError, format_plan, plan_memory
+from ling.planner import AC_MODES, LayoutError, MemoryPlan, format_plan, plan_memory
 from recipes import RECIPES, Recipe, RecipeError, get_recipe
 
 
@@ -105,33 +106,61 @@ def _count(n: int) -> str:
 
 
 def describe_stages(recipe: Recipe) -> list[str]:
-    """One line per data stage at the full batch: length, budget, steps, batch shape, memory per GPU, mixture."""
+    """One line per data stage at the full batch: length, budget, steps, batch shape, memory per GPU,
+    mixture; then the stages the recipe leaves out of its config, with the reason."""
     if not recipe.stages:
         return []
     config = recipe.config()
     header = f"{'stage':<14}{'seq_len':>8}{'tokens':>9}{'~steps':>10}{'rows/step':>10}{'rows/mb':>8}{'mb/rank':>8}"
     lines = ["data stages (at the full batch)", header + f"{'GB/GPU':>8}  mixture"]
     try:
-        curriculum, too_big = recipe.curriculum(), False
+        shipped = recipe.curriculum()
+        left_out = recipe.curriculum(recipe.left_out) if recipe.left_out else None
     except RecipeError as err:
         return [f"data stages: {err}"]
-    for stage in recipe.stages:
-        try:
-            seq_len, rows, per_micro, micro = curriculum.shape(stage, recipe.global_batch)
-        except DataError as err:
-            lines.append(f"{stage.name:<14}{err}")
-            continue
-        plan = plan_memory(config, dataclasses.replace(recipe.layout, seq_len=seq_len, micro_batch=per_micro))
-        too_big |= not plan.fits
-        tokens = _count(stage.tokens) if stage.tokens else "open"
-        steps = f"{math.ceil(stage.tokens / (rows * seq_len)):,}" if stage.tokens else "-"
-        mixture = ", ".join(f"{k} {v:g}" for k, v in (stage.mixture or {}).items()) or "equal"
-        memory = f"{plan.total / 1e9:.1f}" + ("" if plan.fits else "!")
-        shape = f"{rows:>10,}{per_micro:>8}{micro:>8}"
-        lines.append(f"{stage.name:<14}{seq_len:>8,}{tokens:>9}{steps:>10}{shape}{memory:>8}  {mixture}")
-    if too_big:
-        lines.append("! more than the GPU memory on this layout (the fp32 logits of long rows dominate)")
+    rows = [_stage_line(recipe, config, shipped, stage) for stage in recipe.stages]
+    lines += [line for line, _ in rows]
+    if recipe.left_out:
+        lines += textwrap.wrap(f"left out of the config: {recipe.left_out_reason}.", 100, subsequent_indent="  ")
+        rows += [_stage_line(recipe, config, left_out, stage) for stage in recipe.left_out]
+        lines += [line for line, _ in rows[len(recipe.stages) :]]
+    over = [plan for _, plan in rows if plan is not None and not plan.fits]
+    if over:
+        lines.append("! more than the GPU memory on this layout; " + _largest_item(max(over, key=lambda p: p.total)))
     return lines
+
+
+def _stage_line(recipe: Recipe, config, curriculum, stage) -> tuple[str, MemoryPlan | None]:
+    try:
+        seq_len, rows, per_micro, micro = curriculum.shape(stage, recipe.global_batch)
+    except DataError as err:
+        return f"{stage.name:<14}{err}", None
+    plan = plan_memory(config, dataclasses.replace(recipe.layout, seq_len=seq_len, micro_batch=per_micro))
+    tokens = _count(stage.tokens) if stage.tokens else "open"
+    steps = f"{math.ceil(stage.tokens / (rows * seq_len)):,}" if stage.tokens else "-"
+    mixture = ", ".join(f"{k} {v:g}" for k, v in (stage.mixture or {}).items()) or "equal"
+    memory = f"{plan.total / 1e9:.1f}" + ("" if plan.fits else "!")
+    shape = f"{rows:>10,}{per_micro:>8}{micro:>8}"
+    return f"{stage.name:<14}{seq_len:>8,}{tokens:>9}{steps:>10}{shape}{memory:>8}  {mixture}", plan
+
+
+def _largest_item(plan: MemoryPlan) -> str:
+    """Which line item of a plan that does not fit is the largest, in GB."""
+    detail = plan.activation_detail
+    loss = "the whole-logits loss" if plan.layout.loss_chunk_tokens is None else "the chunked loss"
+    items = {
+        "model states": plan.model_states,
+        "gathered params and gradient buffers": plan.gathered_params + plan.gradient_buffers,
+        "activations stored for backward": detail["stored"],
+        loss: detail["loss"],
+        "one block's recompute": detail["recompute"],
+    }
+    name = max(items, key=items.__getitem__)
+    tokens = plan.layout.micro_batch * plan.layout.seq_len
+    return (
+        f"at {tokens:,} tokens per micro-batch the largest item is {name} ({items[name] / 1e9:.1f} GB "
+        f"of {plan.total / 1e9:.1f} GB; activations {plan.activations / 1e9:.1f} GB)"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from ling.planner import (
     activation_bytes,
     format_plan,
     parameter_breakdown,
+    peak_activation_bytes,
     plan_memory,
 )
 from ling.presets import PRESETS, preset
@@ -86,28 +87,56 @@ def test_activation_estimate_by_hand():
     mtp_extra = 2 * norm + N * 2 * H * 2 + norm
     mtp = moe + mtp_extra
     head_inputs = norm + N * H * 2 + N * H * 2  # final norm + its output, MTP head input
-    logits = 2 * N * V * (2 + 4)
+    logits = 2 * N * V * (2 + 4)  # whole logits of both heads: bf16 + the fp32 log-softmax
     loss_bwd = N * V * (4 + 4)
     assert (dense, moe, mtp) == (31_104, 44_928, 56_288)
 
+    # Full checkpointing keeps the 3 decoder blocks' inputs and the MTP layer's token embeddings (its
+    # hidden input is the final norm's output, a head input already); the whole logits stay held
+    # while the MTP block, the largest, is recomputed.
     full = activation_bytes(cfg, 1, 8, "full")
-    assert full == {"stored": 3 * N * H * 2 + 2 * N * H * 2 + head_inputs, "logits": logits, "transient": mtp}
-    assert sum(full.values()) == 115_712
+    assert full == {"stored": 3 * N * H * 2 + N * H * 2 + head_inputs, "loss": logits + loss_bwd,
+                    "recompute": mtp + logits}  # fmt: skip
+    assert peak_activation_bytes(full) == 3 * N * H * 2 + N * H * 2 + head_inputs + logits + mtp == 114_688
     none = activation_bytes(cfg, 1, 8, "none")
-    assert none == {"stored": dense + 2 * moe + mtp + head_inputs, "logits": logits, "transient": loss_bwd}
-    assert sum(none.values()) == 264_320
+    assert none == {"stored": dense + 2 * moe + mtp + head_inputs, "loss": logits + loss_bwd, "recompute": logits}
+    assert peak_activation_bytes(none) == 264_320
     selective = activation_bytes(cfg, 1, 8, "moe")
     stored = dense + 2 * attention + attention + mtp_extra + head_inputs
-    assert selective == {"stored": stored, "logits": logits, "transient": max(loss_bwd, moe_internals)}
+    assert selective == {"stored": stored, "loss": logits + loss_bwd, "recompute": moe_internals + logits}
+    # Chunked loss (4 tokens): one chunk's logits, log-softmax and gradients exist only while that
+    # chunk runs backward, never while a block is recomputed, so the peak is the larger of the two.
+    chunk_loss = 4 * V * (2 + 4) + 4 * V * (4 + 4)
+    chunked = activation_bytes(cfg, 1, 8, "full", loss_chunk=4)
+    assert chunked == {"stored": full["stored"], "loss": chunk_loss, "recompute": mtp}
+    assert chunk_loss < mtp and peak_activation_bytes(chunked) == full["stored"] + mtp
+    assert activation_bytes(cfg, 1, 8, "none", loss_chunk=4)["recompute"] == 0
     # Activations scale with tokens; micro_batch and seq_len enter only as their product here.
     assert activation_bytes(cfg, 2, 8, "none") == activation_bytes(cfg, 1, 16, "none")
+
+
+def test_one_t_long_row_by_hand():
+    """One 32,768-token row of Ling-1T under full checkpointing: what is kept and what is recomputed."""
+    cfg = preset("1t")
+    N, H, V, L = 32768, 8192, 157184, 80
+    stored = L * N * H * 2 + N * H * 2  # 80 block inputs + the MTP layer's token embeddings
+    stored += N * H * (4 + 2) + 4 * N + N * H * 2 + N * H * 2  # final norm, its output, the MTP head input
+    detail = activation_bytes(cfg, 1, N, "full", loss_chunk=2048)
+    assert detail["stored"] == stored == 172 * N * H + 4 * N == 46_171_029_504
+    assert detail["loss"] == 2048 * V * (2 + 4 + 4 + 4)  # one chunk of one head, not a whole row's logits
+    # The MTP block's recompute: the MoE block's 4 sorted/expert-output/combine copies of K*N = 8N rows
+    # of H bf16 values alone are 17.2 GB.
+    assert detail["recompute"] > 4 * 8 * N * H * 2 > 17e9
+    layout = ParallelLayout(nodes=126, ep=16, seq_len=N)
+    assert plan_memory(cfg, layout).activations == stored + detail["recompute"] > 79 * GB
 
 
 def test_headroom_and_total():
     plan = plan_memory(preset("mini"), ParallelLayout(nodes=2))
     items = plan.model_states + plan.gathered_params + plan.gradient_buffers + plan.activations
     assert plan.total == pytest.approx(items * 1.10 + 2 * GB)
-    assert plan.activations == sum(plan.activation_detail.values())
+    detail = plan.activation_detail
+    assert plan.activations == detail["stored"] + max(detail["loss"], detail["recompute"])
 
 
 def test_one_t_recipe_fits_and_one_node_does_not():
@@ -157,4 +186,50 @@ def test_activation_estimate_against_the_tensors_autograd_saves():
     kept_logits = sum(x.numel() * x.element_size() for x in [out.logits, *out.mtp_logits])
     measured = saved + kept_logits
     estimate = activation_bytes(cfg, B, T, "none")
-    assert measured == pytest.approx(estimate["stored"] + estimate["logits"], rel=0.03)
+    logits = 2 * B * T * cfg.vocab_size * (2 + 4)  # bf16 logits of both heads + their fp32 log-softmax
+    assert measured == pytest.approx(estimate["stored"] + logits, rel=0.03)
+
+
+def test_chunk_logits_are_gone_before_any_block_is_recomputed():
+    """The planner's chunked-loss peak is stored + max(loss, recompute): no chunk's log-softmax is
+    alive while a checkpointed block runs its forward again in backward, and at most one chunk's is
+    alive at a time. Watched on the tiny model with every block checkpointed as `parallelize` does."""
+    torch = pytest.importorskip("torch")
+    import weakref
+
+    import ling.model.model as model_code
+    from ling.model import build_model
+    from ling.parallel.parallelize import blocks, checkpoint_forward
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    alive: list = []  # weak references to each chunk's log-softmax, made when backward recomputes it
+    events: list[tuple[str, int]] = []
+    in_backward = lambda: torch._C._current_graph_task_id() != -1  # noqa: E731
+
+    def chunk_loss(hidden, weight, labels):  # the same loss as the model's, written out in two steps
+        logp = torch.log_softmax(torch.nn.functional.linear(hidden, weight).float(), dim=-1)
+        if in_backward():
+            events.append(("chunk", sum(r() is not None for r in alive)))
+            alive.append(weakref.ref(logp))
+        return torch.nn.functional.nll_loss(logp, labels, ignore_index=-100, reduction="sum")
+
+    def watch(module, args):
+        if in_backward():
+            events.append(("block", sum(r() is not None for r in alive)))
+
+    for block in blocks(model):
+        checkpoint_forward(block)
+        block.attention.register_forward_pre_hook(watch)  # runs again when backward recomputes the block
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    original, model_code._chunk_loss_sum = model_code._chunk_loss_sum, chunk_loss
+    try:
+        model(ids, labels=ids, loss_chunk=8).loss.backward()
+    finally:
+        model_code._chunk_loss_sum = original
+    chunks = 2 * 24 // 8
+    assert [kind for kind, _ in events].count("chunk") == 2 * chunks  # main and MTP head
+    assert [kind for kind, _ in events].count("block") == cfg.num_hidden_layers + 1
+    assert all(live == 0 for kind, live in events if kind == "block")
+    assert all(live <= 1 for kind, live in events if kind == "chunk")

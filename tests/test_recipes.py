@@ -1,13 +1,18 @@
 """Recipes: the report's values, whole gradient accumulation, a fitting layout, the plan CLI."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from ling.planner import ParallelLayout, plan_memory
-from ling.presets import PRESETS
-from recipes import RECIPES, Recipe, RecipeError, get_recipe
+from ling.data.curriculum import Curriculum, Stage
+from ling.planner import AC_MODES, GB, ParallelLayout, plan_memory
+from ling.presets import PRESETS, preset
+from ling.schedules import BatchRamp
+from recipes import RECIPES, Recipe, RecipeError, get_recipe, report_recipe
 from recipes.plan import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 REPORT = {  # Ling 2.0 report Table 1 / §3.2.1: peak LR, batch (sequences)
     "mini": (3.36e-4, 4400),
@@ -44,12 +49,16 @@ def test_shared_training_settings(name):
 @pytest.mark.parametrize("name", ["mini", "flash", "1t"])
 def test_report_data_plan(name):
     """The report's stages: 2 x 10T at 4K (68/32 then 54/46), 150B at 32K with 20% long sequences and
-    the lower bias-update rate, 600B of reasoning data, and YaRN x4 on 32K written at export."""
+    the lower bias-update rate, 600B of reasoning data, and YaRN x4 on 32K written at export. 1t keeps
+    its 32K stages out of the config (they fit no layout, see test_one_t_long_stages_fit_no_layout)."""
     recipe = get_recipe(name)
-    stages = {stage.name: stage for stage in recipe.stages}
+    stages = {stage.name: stage for stage in recipe.stages + recipe.left_out}
     assert list(stages) == ["pretrain_1", "pretrain_2", "long_context", "reasoning"]
     assert [stages[n].tokens for n in stages] == [10**13, 10**13, 1.5 * 10**11, 6 * 10**11]
-    assert recipe.train_tokens == 20_750_000_000_000
+    shipped = [stage.name for stage in recipe.stages]
+    assert shipped == (["pretrain_1", "pretrain_2"] if name == "1t" else list(stages))
+    assert recipe.train_tokens == sum(stages[n].tokens for n in shipped)
+    assert recipe.train_tokens == (20 * 10**12 if name == "1t" else 20_750_000_000_000)
     assert stages["pretrain_1"].mixture == {"general": 0.68, "reasoning": 0.32}
     assert stages["pretrain_2"].mixture == {"general": 0.54, "reasoning": 0.46}
     long = stages["long_context"]
@@ -61,7 +70,8 @@ def test_report_data_plan(name):
     world = recipe.layout.world
     assert long.global_batch_size % world == 0
     assert 0 <= recipe.global_batch * 4096 - long.global_batch_size * 32768 < world * 32768
-    assert recipe.export_rope_scaling == {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert recipe.export_rope_scaling == (None if name == "1t" else yarn)  # a model trained at 4K only gets none
 
 
 @pytest.mark.parametrize("name", ["mini", "flash", "1t"])
@@ -160,3 +170,93 @@ def test_plan_cli_prints_the_data_stages(capsys):
     assert "! more than the GPU memory on this layout" in capsys.readouterr().out
     main(["tiny"])
     assert "yarn               512     open         -         4       2       2" in capsys.readouterr().out
+    main(["1t"])  # the left-out 32K stages are still shown, flagged, after the reason
+    out = capsys.readouterr().out
+    assert "left out of the config: one 32,768-token row per micro-batch does not fit" in out
+    assert "long_context    32,768     150B     2,271     2,016       1       2  121.2!" in out
+    assert "the largest item is activations stored for backward (46.2 GB" in out
+    main(["1t", "--gpu-memory-gb", "141"])
+    assert "! more than the GPU memory" not in capsys.readouterr().out
+
+
+def shipped_stage_plans(config: dict, gpu_memory_gb: float) -> dict[str, object]:
+    """Stage name -> the planner's MemoryPlan of that stage of a train.py config, on the config's own
+    layout: its nodes, devices, strategy (ep, dp_replicate, checkpointing), loss chunk, and the seq_len
+    and rows per micro-batch the data module gives the stage."""
+    trainer, model, data = config["trainer"], config["model"], config["data"]
+    strategy = trainer.get("strategy", {}).get("init_args", {})
+    nodes, devices = trainer["num_nodes"], trainer["devices"]
+    ramp = BatchRamp(**data["batch_ramp"]) if data["batch_ramp"] else None
+    stages = [Stage(**stage) for stage in data["stages"] or [{"seq_len": data["seq_len"]}]]
+    curriculum = Curriculum(stages, list(data["sources"]), data["seq_len"], data["micro_batch_size"],
+                            data["global_batch_size"], ramp, nodes * devices, data["batch_mode"])  # fmt: skip
+    cfg = preset(model["model"], **(model["model_overrides"] or {}))
+    plans = {}
+    for stage in stages:
+        seq_len, _, rows, _ = curriculum.shape(stage, data["global_batch_size"])
+        layout = ParallelLayout(
+            nodes=nodes, gpus_per_node=devices, ep=strategy.get("ep", 1), dp_replicate=strategy.get("dp_replicate", 1),
+            activation_checkpointing=strategy.get("activation_checkpointing", "none"), micro_batch=rows,
+            seq_len=seq_len, gpu_memory_gb=gpu_memory_gb, loss_chunk_tokens=model["loss_chunk_tokens"],
+        )  # fmt: skip
+        assert strategy.get("dp_shard", layout.dp_shard) == layout.dp_shard
+        plans[stage.name] = plan_memory(cfg, layout)
+    return plans
+
+
+def test_every_shipped_stage_fits():
+    """Every stage of every configs/*.yaml fits its GPUs by the planner's estimate on that config's
+    layout (the GPU memory is the recipe's; the YAML does not carry it)."""
+    import yaml
+
+    paths = sorted(CONFIGS.glob("*.yaml"))
+    assert {path.stem for path in paths} >= set(RECIPES)
+    for path in paths:
+        memory = RECIPES[path.stem].layout.gpu_memory_gb if path.stem in RECIPES else 80.0
+        plans = shipped_stage_plans(yaml.safe_load(path.read_text()), memory)
+        assert plans
+        over = {name: round(plan.total / GB, 1) for name, plan in plans.items() if not plan.fits}
+        assert not over, f"{path.name}: stages over {memory:g} GB per GPU: {over}"
+
+
+def test_the_old_one_t_config_would_fail_the_fit_check():
+    """The same check on the 1t config as it was, with the report's 32K stages on 126 nodes x 8, EP 16,
+    full checkpointing: the planner reports both 32K stages over 80 GB (and only them)."""
+    from recipes.export import stage_config
+
+    recipe = get_recipe("1t")
+    old = dataclasses.replace(recipe, stages=recipe.stages + recipe.left_out, left_out=[], left_out_reason=None,
+                              train_tokens=20_750_000_000_000)  # fmt: skip
+    plans = shipped_stage_plans(stage_config(old), 80.0)
+    assert [name for name, plan in plans.items() if not plan.fits] == ["long_context", "reasoning"]
+    long = plans["long_context"]
+    assert (long.layout.nodes, long.layout.ep, long.layout.micro_batch, long.layout.seq_len) == (126, 16, 1, 32768)
+    assert long.layout.activation_checkpointing == "full" and long.total > 80 * GB
+
+
+def test_one_t_long_stages_fit_no_layout():
+    """The reason the 1t recipe gives: one 32,768-token row fits no layout of this strategy in 80 GB,
+    whatever the nodes, EP or checkpointing mode, since more ranks shard only the model states. On
+    141 GB GPUs the recipe's own layout fits."""
+    recipe = get_recipe("1t")
+    assert [stage.seq_len for stage in recipe.left_out] == [32768, 32768] and recipe.left_out_reason
+    cfg = recipe.config()
+    for nodes in (126, 252, 504, 1008, 2016, 4032):
+        for ep in (8, 16, 32, 64, 128, 256):
+            if (nodes * 8) % ep:
+                continue
+            for mode in AC_MODES:
+                layout = ParallelLayout(nodes=nodes, ep=ep, activation_checkpointing=mode, seq_len=32768)
+                assert not plan_memory(cfg, layout).fits, layout.describe()
+    widest = plan_memory(cfg, ParallelLayout(nodes=4032, ep=16, seq_len=32768))
+    assert widest.model_states < 1 * GB and widest.total > 100 * GB  # the activations stay with the row
+    assert plan_memory(cfg, dataclasses.replace(recipe.layout, seq_len=32768, gpu_memory_gb=141.0)).fits
+
+
+def test_left_out_stages_need_a_reason():
+    with pytest.raises(RecipeError, match=r"left_out stages and left_out_reason go together"):
+        dataclasses.replace(get_recipe("1t"), left_out_reason=None)
+    with pytest.raises(RecipeError, match=r"stage 'pretrain_1' is both in stages and in left_out"):
+        dataclasses.replace(get_recipe("1t"), left_out=[Stage("pretrain_1", tokens=1)])
+    with pytest.raises(RecipeError, match=r"leaves out stage 'nope', which is not a report stage"):
+        report_recipe("mini", 3.36e-4, 4400, 2, 8, leave_out=("nope",), reason="x")
