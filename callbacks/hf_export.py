@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 
 from ling.checkpoint import save_pretrained
-from ling.checkpoint.hf import DTYPES
+from ling.checkpoint.export import EXPORT_DTYPES, export_dtype
 
 
 class HFExport(L.Callback):
@@ -17,44 +17,37 @@ class HFExport(L.Callback):
         dtype: str | None = None,
         max_shard_size: str = "5GB",
         rope_scaling: dict | None = None,
+        remote_code: str | None = None,
     ):
-        """dirpath: output folder (default: `<log dir>/hf`); dtype: float32, bfloat16 or float16;
-        rope_scaling: written into the exported config, e.g. YaRN to serve a longer context than
-        trained (Ling's 128K is YaRN factor 4 on its 32K training context)."""
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"HFExport dtype={dtype!r} is not one of {sorted(DTYPES)}.")
+        """dirpath: output folder (default: `<log dir>/hf`); dtype: bf16, fp16, fp32 or fp8 (also
+        spelled bfloat16, float16, float32; default: the weights' own); rope_scaling: written into the
+        exported config, e.g. YaRN to serve a longer context than trained (Ling's 128K is YaRN factor 4
+        on its 32K training context); remote_code: a local folder with the BailingMoeV2 code files,
+        copied in so the folder loads offline with `trust_remote_code=True`.
+
+        The folder also holds the data module's tokenizer and a generation_config.json, and its
+        config.json carries that tokenizer's token ids. A sharded model is written without gathering
+        it on one host: one group of tensors is gathered at a time and rank 0 writes."""
+        if dtype is not None and dtype not in EXPORT_DTYPES:
+            raise ValueError(f"HFExport dtype={dtype!r} is not one of {', '.join(EXPORT_DTYPES)} (or null).")
+        if remote_code is not None and not Path(remote_code).is_dir():
+            raise ValueError(f"HFExport remote_code={remote_code!r} is not a folder.")
         self.dirpath, self.dtype, self.max_shard_size = dirpath, dtype, max_shard_size
-        self.rope_scaling = rope_scaling
+        self.rope_scaling, self.remote_code = rope_scaling, remote_code
         self.saved_to: Path | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "hf")
-        dtype = DTYPES[self.dtype] if self.dtype else None
         model = pl_module.model
-        if any(hasattr(p, "device_mesh") for p in model.parameters()):
-            model = _gathered(model)  # every rank takes part in the gather; rank 0 gets the weights
-        if trainer.is_global_zero:
+        sharded = any(hasattr(p, "device_mesh") for p in model.parameters())
+        if sharded or trainer.is_global_zero:  # a sharded model needs every rank for its gathers
             config = model.config
             if self.rope_scaling is not None:
                 config = config.replace(rope_scaling=dict(self.rope_scaling))
-            self.saved_to = save_pretrained(model, folder, self.max_shard_size, dtype, config=config)
-            print(f"Hugging Face checkpoint written to {folder}")
+            tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+            save_pretrained(model, folder, self.max_shard_size, export_dtype(self.dtype), config=config,
+                            tokenizer=tokenizer, remote_code=self.remote_code)  # fmt: skip
+            if trainer.is_global_zero:
+                self.saved_to = folder
+                print(f"Hugging Face checkpoint written to {folder}")
         trainer.strategy.barrier()
-
-
-def _gathered(model):
-    """An unsharded CPU copy of a sharded model on rank 0 (None elsewhere)."""
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from ling.model import LingForCausalLM
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() != 0:
-        return None
-    with torch.device("meta"):
-        full = LingForCausalLM(model.config)
-    full.load_state_dict(state, assign=True)
-    full.model.rotary_emb = model.model.rotary_emb.__class__(model.config)  # non-persistent buffers
-    return full

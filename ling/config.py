@@ -15,6 +15,8 @@ from typing import Any
 MODEL_TYPES = ("bailing_moe", "bailing_moe_v2")
 ARCHITECTURE = "BailingMoeV2ForCausalLM"
 ROPE_TYPES = ("default", "yarn")
+# Megatron's `--moe-router-dtype` choices under both spellings; the router never runs in bf16.
+ROUTER_DTYPES = ("fp32", "float32", "fp64", "float64")
 YARN_KEYS = {
     "type",
     "rope_type",
@@ -31,6 +33,10 @@ YARN_KEYS = {
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a working Ling model."""
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass
@@ -52,6 +58,8 @@ class LingConfig:
     first_k_dense_replace: int = 1
     routed_scaling_factor: float = 2.5
     score_function: str = "sigmoid"
+    # Honoured: norm_topk_prob false keeps the chosen sigmoid scores unnormalised; no expert bias means
+    # selection on the plain scores (and no `expert_bias` tensor); the router runs in fp32 or fp64.
     norm_topk_prob: bool = True
     router_dtype: str = "fp32"
     moe_router_enable_expert_bias: bool = True
@@ -69,8 +77,11 @@ class LingConfig:
     mtp_loss_scaling_factor: float = 0.0
     tie_word_embeddings: bool = False
     pad_token_id: int | None = 156892
-    eos_token_id: int | None = 156892
+    # Released configs list several end-of-text ids (e.g. [156892, 156895]); a list is kept as given.
+    eos_token_id: int | list[int] | None = 156892
     initializer_range: float = 0.02
+    # attention_dropout drops attention probabilities in training; the reference model has no embedding
+    # or output dropout, so those two must stay 0.
     embedding_dropout: float = 0.0
     attention_dropout: float = 0.0
     output_dropout: float = 0.0
@@ -172,19 +183,50 @@ class LingConfig:
             raise ConfigError(f"score_function={self.score_function!r} is not supported; Ling 2.0 uses 'sigmoid'.")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported; Ling 2.0 uses 'silu'.")
-        if self.use_qkv_bias or self.use_bias:
-            raise ConfigError("use_qkv_bias and use_bias must be false: Ling 2.0 linears have no bias.")
+        for name in ("use_qkv_bias", "use_bias"):
+            if getattr(self, name):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not supported; Ling 2.0 linears have no bias.")
         if self.tie_word_embeddings:
             raise ConfigError("tie_word_embeddings must be false: Ling 2.0 has an untied output head.")
+        self._validate_switches()
         if self.num_nextn_predict_layers < 0:
             raise ConfigError(f"num_nextn_predict_layers={self.num_nextn_predict_layers} must be 0 or more.")
         if self.num_shared_experts < 0:
             raise ConfigError(f"num_shared_experts={self.num_shared_experts} must be 0 or more.")
         for name in ("pad_token_id", "eos_token_id"):
-            token = getattr(self, name)
-            if token is not None and not 0 <= token < self.vocab_size:
-                raise ConfigError(f"{name}={token} is outside the vocabulary 0..{self.vocab_size - 1}.")
+            value = getattr(self, name)
+            if value is None:
+                continue
+            tokens = value if name == "eos_token_id" and isinstance(value, list) else [value]
+            if not tokens or not all(_is_id(t) and t < self.vocab_size for t in tokens):
+                what = "a token id or a non-empty list of them" if name == "eos_token_id" else "a token id"
+                raise ConfigError(f"{name}={value!r} must be {what} within the vocabulary 0..{self.vocab_size - 1}.")
         self._validate_rope_scaling()
+
+    def _validate_switches(self) -> None:
+        """The on/off and dtype fields the model honours, and the ones it cannot honour."""
+        for name in ("use_qk_norm", "norm_topk_prob", "moe_router_enable_expert_bias", "use_rmsnorm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false.")
+        if not self.use_rmsnorm:
+            raise ConfigError(
+                "use_rmsnorm=False is not supported; every Ling 2.0 norm is an RMSNorm, so set it to true."
+            )
+        if self.router_dtype not in ROUTER_DTYPES:
+            raise ConfigError(
+                f"router_dtype={self.router_dtype!r} is not supported; the router computes in one of {ROUTER_DTYPES}."
+            )
+        for name in ("embedding_dropout", "attention_dropout", "output_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+                raise ConfigError(f"{name}={value!r} must be a probability in [0, 1).")
+        # The reference BailingMoeV2 model reads attention_dropout (inside attention) and neither of these.
+        for name in ("embedding_dropout", "output_dropout"):
+            if getattr(self, name):
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} is not supported; the Ling 2.0 model applies no such dropout, "
+                    "so set it to 0.0 (attention_dropout is honoured)."
+                )
 
     def _validate_rope_scaling(self) -> None:
         if self.rope_scaling is None:

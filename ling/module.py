@@ -18,7 +18,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ling.balance import ExpertLoad, max_violation, update_expert_bias
-from ling.checkpoint import load_pretrained
+from ling.checkpoint import load_hf_weights
+from ling.checkpoint.load import pretrained_config
 from ling.config import ConfigError, LingConfig
 from ling.flops import training_flops_per_token
 from ling.model import LingForCausalLM
@@ -37,7 +38,7 @@ def resolve_config(model: str, model_overrides: dict[str, Any] | None, pretraine
         folder = Path(pretrained)
         if not (folder / "config.json").is_file():
             raise ConfigError(f"pretrained={pretrained!r} is not a Hugging Face checkpoint folder with a config.json.")
-        return LingConfig.from_json_file(folder / "config.json").replace(**overrides)
+        return pretrained_config(folder, **overrides)
     return preset(model, **overrides)
 
 
@@ -81,7 +82,7 @@ class LingModule(L.LightningModule):
         if router_z_loss_coeff:
             overrides["router_z_loss_coeff"] = router_z_loss_coeff
         self.config = resolve_config(model, overrides, pretrained)
-        self.pretrained, self._overrides = pretrained, overrides
+        self.pretrained = pretrained
         self.init_std = self.config.initializer_range if init_std is None else init_std
         self.mtp_loss_weight = self.config.mtp_loss_scaling_factor if mtp_loss_weight is None else mtp_loss_weight
         if self.mtp_loss_weight < 0:
@@ -117,37 +118,26 @@ class LingModule(L.LightningModule):
 
     # ---- model construction -----------------------------------------------------------------
     def configure_model(self) -> None:
+        """Build the model on the meta device, parallelise it (under LingParallelStrategy), then
+        materialise it: from `pretrained` (each rank reads only the slices of its own shards) or by
+        random init (each rank draws the full tensors and keeps its shards, so any layout starts from
+        the same weights as one process)."""
         if self.model is not None:
             return
-        mesh = getattr(self, "ling_mesh", None)
-        if mesh is not None:
-            self.model = self._sharded_model(mesh)
-        elif self.pretrained is not None:
-            self.model = load_pretrained(self.pretrained, dtype=torch.float32, device=self.device, **self._overrides)
-        else:
-            with torch.device("meta"):
-                model = LingForCausalLM(self.config)
-            self.model = model.to_empty(device=self.device)
-            self.model.init_weights(self.init_std)
-
-    def _sharded_model(self, mesh) -> LingForCausalLM:
-        """Built on the meta device, parallelised, then materialised shard by shard: random init
-        draws the same values as an unsharded model; a pretrained checkpoint is loaded whole on the
-        CPU of each rank and each rank keeps its shards."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        from ling.parallel import parallelize
-
-        self.trainer.strategy.dims.check(self.trainer.world_size, self.config.num_experts)
         with torch.device("meta"):
             model = LingForCausalLM(self.config)
-        parallelize(model, mesh, self.parallel_plan)
+        mesh = getattr(self, "ling_mesh", None)
+        if mesh is not None:
+            from ling.parallel import parallelize
+
+            self.trainer.strategy.dims.check(self.trainer.world_size, self.config.num_experts)
+            parallelize(model, mesh, self.parallel_plan)
         model.to_empty(device=self.device)
-        model.init_weights(self.init_std)
         if self.pretrained is not None:
-            full = load_pretrained(self.pretrained, dtype=torch.float32, device="cpu", **self._overrides)
-            set_model_state_dict(model, full.state_dict(), options=StateDictOptions(full_state_dict=True))
-        return model
+            load_hf_weights(model, self.pretrained)
+        else:
+            model.init_weights(self.init_std)
+        self.model = model
 
     @property
     def moe_layer_names(self) -> list[str]:
@@ -166,6 +156,12 @@ class LingModule(L.LightningModule):
             )
         for data_stage in getattr(datamodule, "stages", None) or []:
             self._check_context(data_stage, data_stage.seq_len or datamodule.seq_len)
+        on_gpu = self.trainer.strategy.root_device.type == "cuda"
+        if getattr(datamodule, "document_isolation", False) and self.config.attention_dropout and on_gpu:
+            raise ConfigError(
+                f"attention_dropout={self.config.attention_dropout} cannot be used with document_isolation on a GPU, "
+                "where the document mask runs through flex attention, which has no dropout; set one of them off."
+            )
 
     # ---- curriculum stages ----------------------------------------------------------------------
     def _stage_rope(self, data_stage) -> tuple[float, dict | None]:
@@ -252,7 +248,10 @@ class LingModule(L.LightningModule):
 
         step_losses = torch.stack(losses).mean(0)
         if self.trainer.world_size > 1:  # the mean over all data-parallel ranks
-            step_losses = self.trainer.strategy.reduce(step_losses, reduce_op="mean")
+            # A bare all-reduce: Lightning's strategy.reduce runs a barrier first, which with NCCL
+            # blocks the host until the device has finished the step.
+            torch.distributed.all_reduce(step_losses)
+            step_losses = step_losses / self.trainer.world_size
         self.log("train/loss", step_losses[0], prog_bar=True)
         for k in range(1, len(step_losses)):
             self.log(f"train/mtp_{k}_loss", step_losses[k])
@@ -268,13 +267,16 @@ class LingModule(L.LightningModule):
         self._log_throughput(step_tokens)
 
     def _log_shares(self, source_rows: torch.Tensor | None, seq_len: int) -> None:
-        """The share of all tokens trained so far that came from each source (all ranks)."""
+        """The share of all tokens trained so far that came from each source (all ranks).
+
+        `source_rows` is a host tensor (LingDataModule keeps it off the device), read with `.numpy()`,
+        which refuses device tensors rather than waiting for one."""
         names = getattr(self.trainer.datamodule, "source_names", None)
         if source_rows is None or not names:
             return
         if len(self.source_tokens) != len(names):
             self.source_tokens = [0] * len(names)
-        for j, rows in enumerate(source_rows.tolist()):
+        for j, rows in enumerate(source_rows.numpy().tolist()):
             self.source_tokens[j] += rows * seq_len
         total = max(sum(self.source_tokens), 1)
         for name, tokens in zip(names, self.source_tokens, strict=True):
@@ -286,6 +288,8 @@ class LingModule(L.LightningModule):
             return
         if self.bias_update_rate > 0:
             for moe, layer_counts in zip(self.model.moe_layers(), counts, strict=True):
+                if moe.gate.expert_bias is None:  # moe_router_enable_expert_bias: false
+                    continue
                 update_expert_bias(moe.gate.expert_bias, layer_counts, self.bias_update_rate)
         violation = max_violation(counts)
         self.log("load/max_violation_mean", violation.mean())
@@ -334,6 +338,9 @@ class LingModule(L.LightningModule):
             "source_tokens": list(self.source_tokens),
             "config": self.config.to_hf(),
         }
+        tokenizer_spec = getattr(getattr(self.trainer, "datamodule", None), "tokenizer_spec", None)
+        if tokenizer_spec is not None:  # what `python -m ling.convert` writes beside the weights
+            checkpoint["ling"]["tokenizer"] = dict(tokenizer_spec)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("ling")

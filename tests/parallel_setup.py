@@ -24,3 +24,14 @@ def make_module() -> LingModule:
 def make_data() -> LingDataModule:
     # 8 rows of 32 tokens per step: 4 micro-batches of 2 rows on one rank, 2 per rank on two.
     return LingDataModule(seq_len=32, micro_batch_size=2, global_batch_size=8, seed=11)
+
+
+def dist_trainer(strategy, steps: int, callbacks: list, root: str, **kwargs) -> L.Trainer:
+    """The Trainer of the torchrun scripts in tests/dist: CPU, one process per rank, no logger or validation."""
+    import os
+
+    return L.Trainer(
+        accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]), strategy=strategy, max_steps=steps, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
+        default_root_dir=root, **kwargs,
+    )  # fmt: skip

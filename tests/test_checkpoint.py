@@ -247,5 +247,5 @@ def test_resave_removes_stale_shards_and_leaves_no_temporaries(trained_like, tmp
     (tmp_path / "tokenizer.json").write_text("{}")
     save_pretrained(trained_like, tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
     assert torch.equal(logits(load_pretrained(tmp_path)), logits(trained_like))

@@ -1,5 +1,6 @@
 """`train.py`: the YAML run end to end, the resolved config, and errors before training starts."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,27 @@ def test_yaml_run_writes_checkpoints_hf_export_and_sample(tmp_path, capsys, capl
     assert sum(shares) == pytest.approx(1.0)
     assert cli.model.stage == 2 and cli.model.config.rope_scaling["factor"] == 2.0
     assert load_pretrained(log_dir / "hf").config.rope_scaling == cli.model.config.rope_scaling
+
+
+def test_exports_carry_the_runs_tokenizer(tmp_path):
+    """The HF folder written at fit end, and one converted from the run's checkpoint afterwards, hold the
+    run's (byte) tokenizer as Hugging Face files, and their config.json carries its token ids."""
+    from transformers import AutoTokenizer
+
+    from ling.convert import convert_checkpoint
+    from ling.data.tokenizer import ByteTokenizer
+
+    cli = train.main(tiny_args(tmp_path, 2))
+    log_dir = Path(cli.trainer.log_dir)
+    converted = convert_checkpoint(log_dir / "checkpoints" / "last.ckpt", tmp_path / "converted", dtype="bf16")
+    text = "To be, or not to be: 12 + 30 = 42 ✓\n"
+    for folder in (log_dir / "hf", converted):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == ByteTokenizer().encode(text)
+        config = json.loads((folder / "config.json").read_text())
+        assert (config["eos_token_id"], config["pad_token_id"]) == (256, 256) and "bos_token_id" not in config
+        assert config["auto_map"]["AutoModelForCausalLM"].endswith("modeling_bailing_moe_v2.BailingMoeV2ForCausalLM")
+        assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == 256
 
 
 def test_resume_with_a_different_model_is_refused(tmp_path):

@@ -74,7 +74,7 @@ def test_fp32_export_reproduces_the_trained_model(tmp_path, tiny_model, kind):
     source = write(tmp_path / f"last.{kind}", tiny_model)
     # read_bytes=1: every DCP tensor is read by its own load call.
     out = convert_checkpoint(source, tmp_path / "hf", dtype="fp32", read_bytes=1)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["torch_dtype"] == "float32" and "quantization_config" not in config
     assert config["num_nextn_predict_layers"] == 1 and config["num_hidden_layers"] == 3

@@ -179,6 +179,9 @@ class LingDataModule(L.LightningDataModule):
         self.val_fraction, self.val_batches, self.seed = val_fraction, val_batches, seed
         self.num_proc, self.cache_dir = num_proc, cache_dir
         self.tokenizer = load_tokenizer(tokenizer, eos_token=eos_token)
+        # Recorded in checkpoints, so that an exported checkpoint carries the tokenizer it was trained with.
+        name = tokenizer if tokenizer == "byte" else str(Path(tokenizer).resolve())
+        self.tokenizer_spec = {"name": name, "eos_token": eos_token}
         self.curriculum: Curriculum | None = None
         self.mixture_plan: MixturePlan | None = None
         self.train_rows: list[SourceRows] = []
@@ -279,6 +282,14 @@ class LingDataModule(L.LightningDataModule):
         batch["stage"] = plan.stage
         batch["source_rows"] = torch.from_numpy(counts.copy())
         return batch
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Everything but `source_rows` to the device: those counts are only read on the host (for the
+        data-share logs), and reading them back from a GPU would make the step wait for it."""
+        if not isinstance(batch, dict) or "source_rows" not in batch:
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        rest = {k: v for k, v in batch.items() if k != "source_rows"}
+        return {**super().transfer_batch_to_device(rest, device, dataloader_idx), "source_rows": batch["source_rows"]}
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0

@@ -3,13 +3,18 @@ Hugging Face tokenizer (e.g. Ling's own) alike: batch encoding without special t
 and a stable fingerprint to key tokenized-data caches.
 
 `load_tokenizer("byte")` needs no download; `load_tokenizer(path)` reads a local tokenizer folder or a
-single `tokenizer.json`. `transformers` is imported only when a Hugging Face tokenizer is loaded.
+single `tokenizer.json`. `save_hf_tokenizer` writes either kind as Hugging Face tokenizer files, so a
+model folder can ship the tokenizer it was trained with. `transformers` is imported only when a Hugging
+Face tokenizer is loaded or written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -23,6 +28,16 @@ WELL_KNOWN_EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 # Any of these in a folder means it holds a tokenizer that AutoTokenizer may be able to load.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# Files a Hugging Face tokenizer's save_pretrained may write; a stale one left from an earlier tokenizer in
+# the same folder (a chat template, a vocab) would be read back with the new one, so writing removes them.
+_HF_TOKENIZER_FILES = (
+    *_TOKENIZER_FILES,
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 @runtime_checkable
@@ -65,8 +80,10 @@ class ByteTokenizer:
     """
 
     name = "byte"
+    bos_token_id = None
     eos_token_id = 256
     pad_token_id = 256  # as in Ling's own tokenizer, EOS doubles as pad and is never masked as padding
+    eos_token = "<|endoftext|>"  # the name of id 256 in the Hugging Face form (`to_hf`)
     vocab_size = 257
     # Bump when the ids or the chat format change, so caches keyed by the fingerprint are rebuilt.
     format_version = 1
@@ -95,8 +112,59 @@ class ByteTokenizer:
     def fingerprint(self) -> str:
         return _sha256(f"{type(self).__module__}.{type(self).__qualname__}:v{self.format_version}")
 
+    def to_hf(self) -> PreTrainedTokenizerBase:
+        """The same tokenizer as a Hugging Face fast tokenizer.
+
+        A byte-level BPE without merges whose vocabulary is the 256 byte symbols in byte order, so every
+        string encodes to its UTF-8 bytes; `<|endoftext|>` is id 256, EOS and pad. Special tokens in the
+        text are split into bytes (`split_special_tokens`), as `encode` does, and the chat template renders
+        as `apply_chat_template` does.
+        """
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as RawTokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {symbol: byte for byte, symbol in enumerate(_byte_symbols())}
+        raw = RawTokenizer(models.BPE(vocab=vocab, merges=[]))
+        # No regex split: with no merges the words do not matter, and one word per text drops nothing.
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        raw.decoder = decoders.ByteLevel()
+        raw.add_special_tokens([AddedToken(self.eos_token, special=True)])
+        assert raw.token_to_id(self.eos_token) == self.eos_token_id
+        return PreTrainedTokenizerFast(
+            tokenizer_object=raw,
+            eos_token=self.eos_token,
+            pad_token=self.eos_token,
+            split_special_tokens=True,
+            clean_up_tokenization_spaces=False,
+            chat_template=BYTE_CHAT_TEMPLATE,
+        )
+
     def __repr__(self) -> str:
         return "ByteTokenizer()"
+
+
+# ByteTokenizer.apply_chat_template as a Jinja template, for the Hugging Face form.
+BYTE_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}"
+)
+
+
+def _byte_symbols() -> list[str]:
+    """The printable character that byte-level BPE writes for each byte 0..255, in byte order.
+
+    Bytes that are visible Latin-1 characters stand for themselves; the others (control characters,
+    space, soft hyphen, ...) take the code points from 256 upward in byte order.
+    """
+    visible = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
+    symbols, shifted = [], 0
+    for byte in range(256):
+        if byte in visible:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    return symbols
 
 
 class HFTokenizer:
@@ -142,6 +210,15 @@ class HFTokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.hf_tokenizer)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        bos_token = _special_token(self.hf_tokenizer, "bos_token")
+        return None if bos_token is None else self.hf_tokenizer.convert_tokens_to_ids(bos_token)
+
+    def to_hf(self) -> PreTrainedTokenizerBase:
+        """The wrapped tokenizer, with the EOS and pad chosen here set on it."""
+        return self.hf_tokenizer
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -194,6 +271,53 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_token_id={self.eos_token_id})"
+
+
+def special_token_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
+    """`bos_token_id`, `eos_token_id` and `pad_token_id` of a tokenizer, None where it has none (the byte
+    tokenizer has no BOS), under the names a Hugging Face config uses."""
+    return {
+        "bos_token_id": getattr(tokenizer, "bos_token_id", None),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, folder: str | os.PathLike) -> list[str]:
+    """Write `tokenizer` as Hugging Face tokenizer files into `folder`; returns the file names written.
+
+    `AutoTokenizer.from_pretrained(folder)` then encodes as `tokenizer.encode` does (without special
+    tokens) and `load_tokenizer(folder)` gives the same ids and special tokens back. The files are written
+    beside the folder's own files and renamed into place one by one, so none is ever half-written; tokenizer
+    files of an earlier tokenizer in the folder are removed afterwards.
+    """
+    to_hf = getattr(tokenizer, "to_hf", None)
+    if to_hf is None:
+        raise DataError(
+            f"tokenizer {tokenizer!r} cannot be written as Hugging Face files; use the byte tokenizer or a "
+            "Hugging Face tokenizer (load_tokenizer)."
+        )
+    hf = to_hf()
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=target))
+    try:
+        hf.save_pretrained(str(staging))
+        if isinstance(tokenizer, ByteTokenizer):
+            # The class name the released Ling folders use, which older transformers versions also know.
+            config_file = staging / "tokenizer_config.json"
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        names = sorted(p.name for p in staging.iterdir() if p.is_file())
+        for name in names:
+            os.replace(staging / name, target / name)
+        for name in _HF_TOKENIZER_FILES:
+            if name not in names:
+                (target / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return names
 
 
 def load_tokenizer(spec: str = "byte", eos_token: str | None = None) -> Tokenizer:

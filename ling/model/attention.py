@@ -22,7 +22,13 @@ def _flex(cuda: bool):
 
 class Attention(nn.Module):
     """GQA with a fused [Q|K|V] projection, per-head QK RMSNorm before partial RoPE, through SDPA (or flex
-    attention when the mask is a BlockMask)."""
+    attention when the mask is a BlockMask).
+
+    use_qk_norm false builds no query_layernorm/key_layernorm (None), as the reference model does;
+    attention_dropout drops attention probabilities in training only (SDPA's dropout_p)."""
+
+    query_layernorm: RMSNorm | None
+    key_layernorm: RMSNorm | None
 
     def __init__(self, config: LingConfig, layer_idx: int):
         super().__init__()
@@ -32,8 +38,12 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         qkv_rows = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.query_key_value = nn.Linear(config.hidden_size, qkv_rows, bias=False)
-        self.query_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.key_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        if config.use_qk_norm:
+            self.query_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.key_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.query_layernorm = self.key_layernorm = None
+        self.attention_dropout = float(config.attention_dropout)
         self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(
@@ -51,12 +61,20 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = self.query_key_value(x).view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
-        q = apply_partial_rope(self.query_layernorm(q), cos, sin).transpose(1, 2)
-        k = apply_partial_rope(self.key_layernorm(k), cos, sin).transpose(1, 2)
+        if self.query_layernorm is not None:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q = apply_partial_rope(q, cos, sin).transpose(1, 2)
+        k = apply_partial_rope(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
+        dropout_p = self.attention_dropout if self.training else 0.0
         if isinstance(attn_mask, BlockMask):
+            if dropout_p:
+                raise ValueError(
+                    f"attention_dropout={dropout_p} cannot be applied: flex attention (a BlockMask, as for document "
+                    "masks on GPU) has no dropout; set attention_dropout to 0.0 or use a boolean mask."
+                )
             out = _flex(q.is_cuda)(q, k, v, block_mask=attn_mask, enable_gqa=True)
         else:
             S = k.shape[2]
@@ -64,5 +82,7 @@ class Attention(nn.Module):
             if attn_mask is None and T != S and T > 1:
                 # Queries are the last T of S positions: a bottom-right aligned causal mask.
                 attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=True
+            )
         return self.dense(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

@@ -86,7 +86,8 @@ def init_weights(module: nn.Module, std: float) -> None:
             sub.reset_parameters()
         elif isinstance(sub, MoE):
             _normal_(sub.gate.weight, std)
-            sub.gate.expert_bias.zero_()
+            if sub.gate.expert_bias is not None:
+                sub.gate.expert_bias.zero_()
             for param in sub.experts.parameters():
                 _normal_(param, std)
 

@@ -15,7 +15,7 @@ from ling.model.mlp import SwiGLU
 @dataclass
 class Routing:
     indices: torch.Tensor  # [N, K] chosen experts
-    weights: torch.Tensor  # [N, K] fp32 combine weights (normalised, times routed_scaling_factor)
+    weights: torch.Tensor  # [N, K] combine weights (normalised when norm_topk_prob, times routed_scaling_factor)
     logits: torch.Tensor  # [N, E] fp32 router logits
     scores: torch.Tensor  # [N, E] fp32 sigmoid affinities (no bias)
 
@@ -34,9 +34,16 @@ def group_limited_topk(biased: torch.Tensor, n_group: int, topk_group: int, top_
 
 
 class Router(nn.Module):
-    """Named `gate` in the block, as in the HF checkpoints. `expert_bias` steers selection only."""
+    """Named `gate` in the block, as in the HF checkpoints. `expert_bias` steers selection only.
 
-    expert_bias: torch.Tensor
+    The logits, sigmoid and top-k run in `router_dtype` whatever the activation dtype. With
+    norm_topk_prob false the chosen scores are used as they are (times routed_scaling_factor); with
+    moe_router_enable_expert_bias false there is no `expert_bias` buffer (None) and the plain scores
+    pick the experts.
+    """
+
+    expert_bias: torch.Tensor | None
+    DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64}
 
     def __init__(self, config: LingConfig):
         super().__init__()
@@ -45,26 +52,30 @@ class Router(nn.Module):
         self.n_group = config.n_group
         self.topk_group = config.topk_group
         self.scaling = config.routed_scaling_factor
+        self.norm_topk_prob = config.norm_topk_prob
+        self.compute_dtype = self.DTYPES[config.router_dtype]
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         # Updated by the aux-loss-free balancing rule, never by gradients; saved in checkpoints.
-        self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        bias = torch.zeros(config.num_experts, dtype=torch.float32) if config.moe_router_enable_expert_bias else None
+        self.register_buffer("expert_bias", bias)
 
     def _apply(self, fn, recurse=True):
         # The bias stays fp32 when the model is cast (Megatron and the released weights keep it fp32).
         before = self.expert_bias
         super()._apply(fn, recurse)
-        if self.expert_bias.dtype != torch.float32:
+        if before is not None and self.expert_bias.dtype != torch.float32:
             # Restore the unrounded values (a bf16 round trip would change which experts win).
             self.expert_bias = before.to(device=self.expert_bias.device, dtype=torch.float32)
         return self
 
     def forward(self, x: torch.Tensor) -> Routing:
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype))
         scores = torch.sigmoid(logits)
         with torch.no_grad():
-            indices = group_limited_topk(scores + self.expert_bias, self.n_group, self.topk_group, self.top_k)
+            biased = scores if self.expert_bias is None else scores + self.expert_bias
+            indices = group_limited_topk(biased, self.n_group, self.topk_group, self.top_k)
         weights = scores.gather(1, indices)
-        if self.top_k > 1:
+        if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return Routing(indices, weights * self.scaling, logits, scores)
 
@@ -148,7 +159,9 @@ class MoE(nn.Module):
         flat = x.reshape(-1, H)
         routing = self.gate(flat)
         slots = routing.indices.flatten()
-        counts = torch.bincount(slots, minlength=self.num_experts)
+        # A scatter into E fixed slots: bincount's output size depends on the largest index, so on a
+        # GPU it would make the host wait for the router in every MoE layer.
+        counts = slots.new_zeros(self.num_experts).scatter_add_(0, slots, torch.ones_like(slots))
         order = slots.argsort(stable=True)
         sorted_rows = flat[order // self.top_k]
         expert_out = (self.experts.forward_loop if self.use_loop else self.experts)(sorted_rows, counts)

@@ -19,16 +19,19 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 
-def expert_major_order(received: torch.Tensor) -> torch.Tensor:
+def expert_major_order(received: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """Row order that turns a receive buffer laid out [source rank][local expert] into expert-major
-    [local expert][source rank]. received: [ep, local experts] row counts."""
+    [local expert][source rank]. received: [ep, local experts] row counts; total: their sum, when the
+    host knows it already (the dispatch does), so that no shape here waits for the device."""
     counts = received.flatten()
     starts = (torch.cumsum(counts, 0) - counts).view_as(received)
     lengths = received.t().flatten()  # segments in expert-major order
     seg_starts = starts.t().flatten()
-    within = torch.arange(int(lengths.sum()), device=received.device)
-    within = within - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-    return torch.repeat_interleave(seg_starts, lengths) + within
+    if total is None:
+        total = int(counts.sum())  # reads the counts on the host; the dispatch passes the total instead
+    within = torch.arange(total, device=received.device)
+    within = within - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths, output_size=total)
+    return torch.repeat_interleave(seg_starts, lengths, output_size=total) + within
 
 
 class ExpertParallel(ParallelStyle):
@@ -50,10 +53,11 @@ class ExpertParallel(ParallelStyle):
             received = torch.empty_like(counts)
             dist.all_to_all_single(received, counts.contiguous(), group=group)
             received = received.view(ep, -1)
-        send_splits = counts.view(ep, -1).sum(1).tolist()
-        recv_splits = received.sum(1).tolist()
+            # The one wait for the device in a dispatch: all_to_all takes its split sizes as host
+            # numbers, so both directions' sizes come back in a single transfer.
+            send_splits, recv_splits = torch.stack([counts.view(ep, -1).sum(1), received.sum(1)]).tolist()
         rows = all_to_all_single_autograd(x, recv_splits, send_splits, group)
-        order = expert_major_order(received)
+        order = expert_major_order(received, total=sum(recv_splits))
         self._state.append((order, send_splits, recv_splits))
         return rows[order], received.sum(0)
 

@@ -6,6 +6,11 @@ plan, to the LightningModule, whose `configure_model` calls `parallelize`. Launc
 SLURM or Lightning's own launcher; checkpoints are sharded DCP folders that any other layout can
 resume from (DCP reshards on load).
 
+Every save is atomic: all ranks write into a hidden sibling folder, which rank 0 renames into place
+once every rank has finished (`ling.checkpoint.atomic.swap_into_place`), so a checkpoint under its
+final name, `last.ckpt` included, is always complete; what a killed save leaves behind is cleaned up,
+and a checkpoint moved aside is put back, at the next start (`recover_checkpoint_dir`).
+
     strategy:
       class_path: ling.parallel.strategy.LingParallelStrategy
       init_args: {dp_replicate: 1, dp_shard: 16, ep: 8, activation_checkpointing: full}
@@ -13,11 +18,26 @@ resume from (DCP reshards on load).
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
+import lightning as L
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.constants import default_pg_timeout
 
+from ling.checkpoint.atomic import (
+    discard,
+    fsync_path,
+    holds_only_checkpoint_files,
+    is_local_path,
+    new_token,
+    recover_checkpoint_dir,
+    remove_path,
+    sibling,
+    swap_into_place,
+)
 from ling.config import ConfigError
 from ling.parallel.mesh import ParallelDims, build_mesh
 from ling.parallel.parallelize import ParallelPlan
@@ -84,3 +104,62 @@ class LingParallelStrategy(ModelParallelStrategy):
         self.ling_mesh = build_mesh(self.dims, self.root_device.type)
         self.lightning_module.ling_mesh = self.ling_mesh
         self.lightning_module.parallel_plan = self.plan
+
+    def setup(self, trainer: L.Trainer) -> None:
+        # The checkpoint callbacks know their folders by now (their `setup` ran); tidy them before any save.
+        self._recover([cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)])
+        super().setup(trainer)
+
+    def _recover(self, folders: list) -> None:
+        if self.is_global_zero:
+            for folder in folders:
+                if is_local_path(folder):
+                    recover_checkpoint_dir(folder)
+        self.barrier()
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        path = self.broadcast(checkpoint_path)
+        if is_local_path(path):
+            self._recover([Path(path).parent])  # a resume path saved by a killed run may sit aside
+        return super().load_checkpoint(path, weights_only=weights_only)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        """Write into a hidden sibling on every rank, then rename it into place once all have finished."""
+        if storage_options is not None or not is_local_path(filepath):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        error = None
+        if self.is_global_zero:
+            target = Path(filepath)
+            recover_checkpoint_dir(target.parent)  # before the broadcast: no rank has staged anything yet
+            if target.is_dir() and not target.is_symlink() and not holds_only_checkpoint_files(target):
+                error = f"The checkpoint path {target} is a folder holding other files; pass a new path or remove it."
+        filepath, token, error = self.broadcast((os.fspath(filepath), new_token(), error))
+        if error:
+            raise FileExistsError(error)
+        target = Path(filepath)
+        staged = sibling(target, "tmp", token)
+        try:
+            super().save_checkpoint(checkpoint, staged)
+            if self.is_global_zero:  # DCP syncs its own files; `meta.pt` or the single file is rank 0's
+                fsync_path(staged / "meta.pt" if staged.is_dir() else staged)
+                fsync_path(staged.parent if staged.is_file() else staged)
+        except BaseException:
+            if self.is_global_zero:
+                remove_path(staged)
+            raise
+        self.barrier()  # every rank has written its shards
+        if self.is_global_zero:
+            try:
+                swap_into_place(staged, target, token)
+            except OSError as exc:
+                error = f"Could not move the checkpoint written at {staged} to {target}: {exc}."
+        error = self.broadcast(error)  # also the barrier that keeps the others until the swap is done
+        if error:
+            raise OSError(error)
+
+    def remove_checkpoint(self, filepath) -> None:
+        """Rename the checkpoint away before deleting it, so a crash never leaves half of one under its name."""
+        if not is_local_path(filepath):
+            return super().remove_checkpoint(filepath)
+        if self.is_global_zero:
+            discard(filepath)

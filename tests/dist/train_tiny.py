@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from callbacks.hf_export import HFExport  # noqa: E402
 from callbacks.sample_text import SampleText  # noqa: E402
 from ling.parallel.strategy import LingParallelStrategy  # noqa: E402
-from tests.parallel_setup import Record, make_data, make_module  # noqa: E402
+from tests.parallel_setup import Record, dist_trainer, make_data, make_module  # noqa: E402
 
 
 def main() -> None:
@@ -39,11 +39,7 @@ def main() -> None:
         callbacks.append(HFExport(dirpath=args.export))
     if args.ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=2, save_top_k=-1))
-    trainer = L.Trainer(
-        accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]), strategy=strategy, max_steps=args.steps,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=callbacks, default_root_dir=args.out + ".root",
-    )  # fmt: skip
+    trainer = dist_trainer(strategy, args.steps, callbacks, args.out + ".root")
     module = make_module()
     trainer.fit(module, datamodule=make_data(), ckpt_path=args.resume)
     state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
