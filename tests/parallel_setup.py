@@ -35,3 +35,12 @@ def dist_trainer(strategy, steps: int, callbacks: list, root: str, **kwargs) -> 
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
         default_root_dir=root, **kwargs,
     )  # fmt: skip
+
+
+def finish() -> None:
+    """End a torchrun script with every rank together: a rank that exits while another still talks to
+    it can abort in gloo's teardown."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 import ling.checkpoint.atomic as atomic  # noqa: E402
 import ling.parallel.strategy as strategy_module  # noqa: E402
 from ling.parallel.strategy import LingParallelStrategy  # noqa: E402
-from tests.parallel_setup import dist_trainer, make_data, make_module  # noqa: E402
+from tests.parallel_setup import dist_trainer, finish, make_data, make_module  # noqa: E402
 
 
 class LogLosses(L.Callback):
@@ -142,6 +142,7 @@ def main() -> None:
     state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainer.is_global_zero:
         torch.save(state, args.out)
+    finish()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from ling.parallel.strategy import LingParallelStrategy  # noqa: E402
-from tests.parallel_setup import dist_trainer, make_data, make_module  # noqa: E402
+from tests.parallel_setup import dist_trainer, finish, make_data, make_module  # noqa: E402
 from tests.test_host_sync import CountSteps  # noqa: E402
 
 
@@ -35,6 +35,7 @@ def main() -> None:
     trainer.fit(module, datamodule=make_data())
     report = count.report(module, ep=ep)
     Path(f"{args.out}.{trainer.global_rank}.json").write_text(json.dumps(report))
+    finish()
 
 
 if __name__ == "__main__":

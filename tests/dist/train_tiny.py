@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from callbacks.hf_export import HFExport  # noqa: E402
 from callbacks.sample_text import SampleText  # noqa: E402
 from ling.parallel.strategy import LingParallelStrategy  # noqa: E402
-from tests.parallel_setup import Record, dist_trainer, make_data, make_module  # noqa: E402
+from tests.parallel_setup import Record, dist_trainer, finish, make_data, make_module  # noqa: E402
 
 
 def main() -> None:
@@ -46,6 +46,7 @@ def main() -> None:
     if trainer.is_global_zero:
         out = {"losses": record.losses, "state": state, "tokens_seen": module.tokens_seen, "sample": sample.text}
         torch.save(out, args.out)
+    finish()
 
 
 if __name__ == "__main__":
