@@ -16,6 +16,7 @@ from safetensors import safe_open
 from ling.checkpoint import CheckpointError, load_pretrained
 from ling.checkpoint.fp8 import dequantize_blockwise, quantize_blockwise
 from ling.convert import convert_checkpoint, main
+from ling.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 E4M3_MAX = 448.0
@@ -318,11 +319,16 @@ def run_cli(*args):
 
 def test_cli_converts_a_checkpoint_and_refuses_bad_input(tmp_path, tiny_model):
     folder = write_dcp(tmp_path / "dcp", tiny_model)
-    result = run_cli("--checkpoint", folder, "--out", tmp_path / "hf", "--dtype", "fp8", "--max-shard-size", "100KB")
+    result = run_cli("--checkpoint", folder, "--out", tmp_path / "hf", "--dtype", "fp8", "--max-shard-size", "100KB",
+                     "--tokenizer", "byte")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     assert load_pretrained(tmp_path / "hf").config.num_experts == 16
+    assert load_tokenizer(str(tmp_path / "hf")).encode("héllo") == list("héllo".encode())  # --tokenizer byte
+
+    result = run_cli("--checkpoint", folder, "--out", tmp_path / "hf2", "--remote-code", tmp_path / "missing")
+    assert result.returncode == 2 and "remote_code=" in result.stderr and "Traceback" not in result.stderr
 
     (tmp_path / "not-a-checkpoint").mkdir()
     for args, message in [
