@@ -401,3 +401,15 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
         write_companions(tmp_path, {"vocab_size": 200}, tokenizer=ByteTokenizer())
     with pytest.raises(CheckpointError, match=r"hub_repo='Ling-mini' is not a hub repository name"):
         write_companions(tmp_path, {"vocab_size": 512}, hub_repo="Ling-mini")
+
+
+def test_an_exported_folder_with_auto_map_reads_back_its_tokenizer_without_remote_code(tmp_path, capfd):
+    """config.json names remote code in auto_map; reading the tokenizer must neither run it nor ask about it
+    (transformers would ask on stdin whether to run it)."""
+    save_pretrained(build_model(ling.preset("tiny")), tmp_path, tokenizer=ByteTokenizer())
+    assert "auto_map" in json.loads((tmp_path / "config.json").read_text())
+    capfd.readouterr()
+    text = "héllo, wörld\n"
+    assert load_tokenizer(str(tmp_path)).encode(text) == ByteTokenizer().encode(text)
+    out, err = capfd.readouterr()
+    assert "custom code" not in out + err

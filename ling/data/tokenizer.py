@@ -353,7 +353,10 @@ def _load_folder(path: Path, name: str, eos_token: str | None) -> HFTokenizer:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # A model folder's config.json may name remote code in `auto_map` (the released Ling folders and
+        # this project's exports do); the tokenizer never needs it, and without this transformers asks
+        # on stdin whether to run it.
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many types (OSError, ValueError, JSON and Rust errors)
         raise DataError(
             f"tokenizer folder {name} could not be loaded ({_first_line(e)}); expected files written by "
