@@ -406,7 +406,9 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
 def test_an_exported_folder_with_auto_map_reads_back_its_tokenizer_without_remote_code(tmp_path, capfd):
     """config.json names remote code in auto_map; reading the tokenizer must neither run it nor ask about it
     (transformers would ask on stdin whether to run it)."""
-    save_pretrained(build_model(ling.preset("tiny")), tmp_path, tokenizer=ByteTokenizer())
+    model = build_model(ling.preset("tiny"))
+    yarn = model.config.replace(rope_scaling={"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 1024})
+    save_pretrained(model, tmp_path, config=yarn, tokenizer=ByteTokenizer())  # rope settings as HFExport writes
     assert "auto_map" in json.loads((tmp_path / "config.json").read_text())
     capfd.readouterr()
     text = "héllo, wörld\n"

@@ -350,13 +350,16 @@ def _load_folder(path: Path, name: str, eos_token: str | None) -> HFTokenizer:
             f"tokenizer folder {name} has no tokenizer files; expected one of {', '.join(_TOKENIZER_FILES)} "
             "(as written by save_pretrained)."
         )
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
     try:
-        # A model folder's config.json may name remote code in `auto_map` (the released Ling folders and
-        # this project's exports do); the tokenizer never needs it, and without this transformers asks
-        # on stdin whether to run it.
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        # An empty model config: otherwise AutoTokenizer reads the folder's config.json, whose `auto_map`
+        # names remote code (the released Ling folders and this project's exports do; transformers then
+        # asks on stdin whether to run it) and whose rope settings transformers' generic config cannot
+        # parse. The tokenizer files alone say which tokenizer this is.
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False, config=PretrainedConfig()
+        )
     except Exception as e:  # transformers raises many types (OSError, ValueError, JSON and Rust errors)
         raise DataError(
             f"tokenizer folder {name} could not be loaded ({_first_line(e)}); expected files written by "
