@@ -118,7 +118,7 @@ class _DcpSource(TensorSource):
         return {n: targets[self.fqns[n]] for n in names}
 
 
-def _open_source(path: Path) -> TensorSource:
+def open_checkpoint(path: Path) -> TensorSource:
     if path.is_dir():
         return _DcpSource(path)
     if path.is_file():
@@ -127,14 +127,14 @@ def _open_source(path: Path) -> TensorSource:
 
 
 # ---- conversion ----------------------------------------------------------------------------------
-def _expected(config: LingConfig) -> dict[str, torch.Size]:
+def expected_shapes(config: LingConfig) -> dict[str, torch.Size]:
     """Every tensor of the model the config describes, in the model's (= the HF export's) order."""
     with torch.device("meta"):
         model = LingForCausalLM(config)
     return {name: tensor.shape for name, tensor in model.state_dict().items()}
 
 
-def _check_tensors(source: TensorSource, expected: dict[str, torch.Size], where: str) -> None:
+def check_tensors(source: TensorSource, expected: dict[str, torch.Size], where: str) -> None:
     for name, shape in expected.items():
         if name not in source.shapes:
             raise CheckpointError(f"{where} has no tensor for {name!r}, which the model config stored in it needs.")
@@ -177,9 +177,9 @@ def convert_checkpoint(
         raise CheckpointError(f"out={os.fspath(out_path)!r} is the checkpoint itself; choose another folder.")
     if out_path.exists() and not out_path.is_dir():
         raise CheckpointError(f"out={os.fspath(out_path)!r} exists and is not a folder.")
-    source = _open_source(source_path)
-    expected = _expected(source.config)
-    _check_tensors(source, expected, repr(os.fspath(source_path)))
+    source = open_checkpoint(source_path)
+    expected = expected_shapes(source.config)
+    check_tensors(source, expected, repr(os.fspath(source_path)))
     source.shapes = {name: source.shapes[name] for name in expected}  # the model's order
     spec = {"name": tokenizer} if tokenizer is not None else source.tokenizer
     loaded = None

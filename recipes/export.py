@@ -39,7 +39,25 @@ def _callbacks(recipe: Recipe, every: int) -> list[dict]:
         },
         {"class_path": "callbacks.sample_text.SampleText"},
     ]
+    if _on_cpu(recipe):
+        callbacks.append(_demo_lm_eval(recipe))
     return callbacks
+
+
+def _demo_lm_eval(recipe: Recipe) -> dict:
+    """Score the trained demo model once, when training ends, on the offline tasks (eval/tasks): all of
+    the multiple-choice set, the first 50 generation problems and 10 held-out scenes keep the demo's
+    evaluation to seconds. Windows as long as the longest training rows, the context it was trained for."""
+    longest = max([stage.seq_len or recipe.seq_len for stage in recipe.stages] or [recipe.seq_len])
+    return {
+        "class_path": "callbacks.lm_eval.LMEval",
+        "init_args": {
+            "tasks": ["ling_arithmetic_mc", "ling_arithmetic_gen", "ling_shakespeare_ppl"],
+            "at_stage_end": False,
+            "limit": {"ling_arithmetic_gen": 50, "ling_shakespeare_ppl": 10},
+            "max_length": longest,
+        },
+    }
 
 
 def _strategy(recipe: Recipe) -> dict:

@@ -117,7 +117,7 @@ def _convert(name: str, tensor: torch.Tensor, layers: int, dtype: torch.dtype | 
             yield key, part.to(out).contiguous()
 
 
-def _groups(source: TensorSource, budget: int) -> Iterator[list[str]]:
+def read_groups(source: TensorSource, budget: int) -> Iterator[list[str]]:
     """Consecutive names whose tensors together stay within `budget` bytes (a larger tensor alone)."""
     group: list[str] = []
     size = 0
@@ -140,7 +140,7 @@ def _read_hint(dtype: torch.dtype | None) -> torch.dtype | None:
 def hf_stream(source: TensorSource, dtype: torch.dtype | None = None, read_bytes: int | None = None):
     """(HF key, tensor) of the whole model in the export's order and dtypes; expert_bias always fp32."""
     layers = source.config.num_hidden_layers
-    for group in _groups(source, source.read_bytes if read_bytes is None else read_bytes):
+    for group in read_groups(source, source.read_bytes if read_bytes is None else read_bytes):
         tensors = source.read(group, _read_hint(dtype))
         for name in group:
             yield from _convert(name, tensors.pop(name), layers, dtype)
@@ -186,7 +186,7 @@ def export_hf(
     if read_bytes is None:
         read_bytes = source.read_bytes
     if not source.writer:
-        for group in _groups(source, read_bytes):
+        for group in read_groups(source, read_bytes):
             source.read(group, _read_hint(dtype))  # take part in the gathers
         return folder
     layers = source.config.num_hidden_layers
