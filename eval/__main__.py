@@ -147,6 +147,8 @@ def default_device() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # lm-eval's own entry point (`lm_eval.__main__.cli_evaluate`) is setup_logging + HarnessCLI's
+    # parse_args + execute; the same three calls here, with the parsed arguments checked in between.
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 
