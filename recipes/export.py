@@ -41,7 +41,21 @@ def _callbacks(recipe: Recipe, every: int) -> list[dict]:
     ]
     if _on_cpu(recipe):
         callbacks.append(_demo_lm_eval(recipe))
+        callbacks.append(_demo_wsm(recipe))
     return callbacks
+
+
+def _demo_wsm(recipe: Recipe) -> dict:
+    """Merge the demo's last stage (constant LR, one rope setting): 10 snapshots evenly over it, the
+    last at the final step, with 1-sqrt weights; one merge, so its evaluation costs seconds."""
+    curriculum, last = recipe.curriculum(), max(len(recipe.stages) - 1, 0)
+    start = next(s for s in range(recipe.max_steps) if curriculum.plan(s).stage == last)
+    count = 10
+    return {
+        "class_path": "callbacks.wsm.WSM",
+        "init_args": {"interval": (recipe.max_steps - start) // count, "count": count, "shape": "1-sqrt",
+                      "start_step": recipe.max_steps - count * ((recipe.max_steps - start) // count)},
+    }  # fmt: skip
 
 
 def _demo_lm_eval(recipe: Recipe) -> dict:
