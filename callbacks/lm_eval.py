@@ -25,6 +25,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from callbacks.stages import stage_changes_with, stage_ends_at
 from ling.checkpoint.hf import write_atomic
 from ling.config import ConfigError
 
@@ -121,18 +122,13 @@ class LMEval(L.Callback):
 
     # ---- when -----------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        """Without a curriculum to look ahead in, a stage has ended when a batch of another stage comes;
-        the weights are still the last stage's here (the module enters the new stage in its step)."""
-        if not self.at_stage_end or _curriculum(trainer) is not None or not isinstance(batch, dict):
-            return
-        current = getattr(pl_module, "stage", None)
-        if current is not None and batch.get("stage", current) != current:
+        if self.at_stage_end and stage_changes_with(trainer, pl_module, batch):
             self._scheduled(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         periodic = self.every_n_steps is not None and step % self.every_n_steps == 0
-        if periodic or (self.at_stage_end and _stage_ends_at(trainer, step)):
+        if periodic or (self.at_stage_end and stage_ends_at(trainer, step)):
             self._scheduled(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -251,17 +247,6 @@ def score_table(metrics: dict[str, float], step: int) -> str:
     lines = [f"lm-eval at step {step}:", f"  {'task':<{task_w}}  {'metric':<{metric_w}}  value"]
     lines += [f"  {task:<{task_w}}  {metric:<{metric_w}}  {value}" for task, metric, value in rows]
     return "\n".join(lines)
-
-
-def _curriculum(trainer: L.Trainer):
-    curriculum = getattr(getattr(trainer, "datamodule", None), "curriculum", None)
-    return curriculum if hasattr(curriculum, "plan") else None
-
-
-def _stage_ends_at(trainer: L.Trainer, step: int) -> bool:
-    """Whether optimizer step `step` (counted from 1), just taken, was the last of its curriculum stage."""
-    curriculum = _curriculum(trainer)
-    return curriculum is not None and step >= 1 and curriculum.plan(step).stage != curriculum.plan(step - 1).stage
 
 
 class _TrainingState:

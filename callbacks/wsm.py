@@ -38,6 +38,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from callbacks.stages import stage_changes_with, stage_ends_at
 from ling.checkpoint import save_pretrained
 from ling.checkpoint.export import EXPORT_DTYPES, export_dtype
 from ling.config import ConfigError
@@ -121,12 +122,7 @@ class WSM(L.Callback):
 
     # ---- when -----------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        """Without a curriculum to look ahead in, a stage has ended when a batch of another stage comes;
-        the weights are still the last stage's here (the module enters the new stage in its step)."""
-        if not self.at_stage_end or _curriculum(trainer) is not None or not isinstance(batch, dict):
-            return
-        current = getattr(pl_module, "stage", None)
-        if current is not None and batch.get("stage", current) != current:
+        if self.at_stage_end and stage_changes_with(trainer, pl_module, batch):
             self._end_window(trainer, pl_module, "stage end")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -141,7 +137,7 @@ class WSM(L.Callback):
             if len(self.taken) == self.count:
                 self._merge(trainer, pl_module, "window full")
                 return
-        if self.at_stage_end and _stage_ends_at(trainer, step):
+        if self.at_stage_end and stage_ends_at(trainer, step):
             self._end_window(trainer, pl_module, "stage end")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -382,14 +378,3 @@ def _reshard(model: torch.nn.Module) -> None:
     for module in model.modules():  # free the gathered weights the forward passes left
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def _curriculum(trainer: L.Trainer):
-    curriculum = getattr(getattr(trainer, "datamodule", None), "curriculum", None)
-    return curriculum if hasattr(curriculum, "plan") else None
-
-
-def _stage_ends_at(trainer: L.Trainer, step: int) -> bool:
-    """Whether optimizer step `step` (counted from 1), just taken, was the last of its curriculum stage."""
-    curriculum = _curriculum(trainer)
-    return curriculum is not None and step >= 1 and curriculum.plan(step).stage != curriculum.plan(step - 1).stage

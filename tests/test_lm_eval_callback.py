@@ -154,7 +154,9 @@ def test_unknown_task_fails_before_training(tmp_path, task_dir):
 @pytest.mark.parametrize("lookahead", [True, False], ids=["curriculum", "batch-stage"])
 def test_evaluates_every_n_steps_at_stage_ends_and_at_the_end(tmp_path, task_dir, capsys, monkeypatch, lookahead):
     if not lookahead:  # a data module without a curriculum: the stage change is seen in the next batch
-        monkeypatch.setattr(lm_eval_callback, "_curriculum", lambda trainer: None)
+        import callbacks.stages
+
+        monkeypatch.setattr(callbacks.stages, "curriculum", lambda trainer: None)
     callback = WatchedLMEval(tasks=["cb_mc"], every_n_steps=3, limit=3, include_path=[str(task_dir)])
     logger = CSVLogger(tmp_path, name="logs")
     make_trainer(tmp_path, 5, [callback], logger=logger).fit(make_module(), datamodule=staged_data())

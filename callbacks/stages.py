@@ -1,0 +1,27 @@
+"""Where the curriculum stages of a run end, for callbacks that act at stage ends (lm-eval, WSM)."""
+
+from __future__ import annotations
+
+import lightning as L
+
+
+def curriculum(trainer: L.Trainer):
+    """The data module's curriculum (None when the run has none, e.g. a plain data module)."""
+    found = getattr(getattr(trainer, "datamodule", None), "curriculum", None)
+    return found if hasattr(found, "plan") else None
+
+
+def stage_ends_at(trainer: L.Trainer, step: int) -> bool:
+    """Whether optimizer step `step` (counted from 1), just taken, was the last of its curriculum stage."""
+    found = curriculum(trainer)
+    return found is not None and step >= 1 and found.plan(step).stage != found.plan(step - 1).stage
+
+
+def stage_changes_with(trainer: L.Trainer, pl_module: L.LightningModule, batch) -> bool:
+    """At batch start, without a curriculum to look ahead in: whether this batch belongs to another stage
+    than the module's, i.e. the previous stage has just ended (the weights are still that stage's here;
+    the module enters the new stage in its step)."""
+    if curriculum(trainer) is not None or not isinstance(batch, dict):
+        return False
+    current = getattr(pl_module, "stage", None)
+    return current is not None and batch.get("stage", current) != current
