@@ -50,7 +50,7 @@ class WSM(L.Callback):
         self,
         interval: int,
         count: int,
-        shape: str = "1-sqrt",
+        shape: str | None = None,
         alpha: float | None = None,
         weights: list[float] | None = None,
         start_step: int | None = None,
@@ -68,7 +68,7 @@ class WSM(L.Callback):
             interval: optimizer steps between snapshots.
             count: snapshots per merge.
             shape: the LR decay the merge stands in for: one of `ling.wsm.SHAPES` (mean, cosine,
-                1-sqrt, ema); ignored when `weights` is given.
+                1-sqrt, ema); default 1-sqrt unless `weights` is given (giving both is an error).
             alpha: the EMA rate for shape `ema`.
             weights: explicit merge weights, one per snapshot, oldest first.
             start_step: the first window starts at this optimizer step (default: the end of the LR
@@ -94,9 +94,11 @@ class WSM(L.Callback):
             raise ConfigError(f"WSM val_batches={val_batches!r} must be a positive number of batches or null.")
         if dtype is not None and dtype not in EXPORT_DTYPES:
             raise ConfigError(f"WSM dtype={dtype!r} is not one of {', '.join(EXPORT_DTYPES)} (or null).")
+        if shape is None and weights is None:
+            shape = "1-sqrt"
         self.interval, self.count, self.shape, self.alpha = interval, count, shape, alpha
-        chosen = None if weights is not None else shape
-        self.weights = [float(w) for w in merge_weights(chosen, count, alpha=alpha, weights=weights)]
+        # Both a shape and explicit weights is an error (merge_weights says so in one sentence).
+        self.weights = [float(w) for w in merge_weights(shape, count, alpha=alpha, weights=weights)]
         self.start_step, self.at_stage_end, self.at_fit_end = start_step, at_stage_end, at_fit_end
         self.evaluate, self.val_batches = evaluate, val_batches
         self.save_hf, self.save_checkpoint, self.dtype = save_hf, save_checkpoint, dtype

@@ -95,6 +95,7 @@ def assert_close(merged: dict, expected: dict, atol=1e-6):
         ({"interval": 2, "count": 0}, "count=0"),
         ({"interval": 2, "count": 2, "shape": "linear-ish"}, "linear-ish"),
         ({"interval": 2, "count": 3, "weights": [0.5, 0.5]}, "2 merge weights"),
+        ({"interval": 2, "count": 2, "shape": "mean", "weights": [0.5, 0.5]}, "not both|both"),
     ],
 )
 def test_bad_settings_are_one_sentence(kwargs, words):
