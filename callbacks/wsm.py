@@ -42,6 +42,7 @@ from callbacks.stages import stage_changes_with, stage_ends_at
 from ling.checkpoint import save_pretrained
 from ling.checkpoint.export import EXPORT_DTYPES, export_dtype
 from ling.config import ConfigError
+from ling.merge import write_weights_checkpoint
 from ling.wsm import MergeAccumulator, merge_weights
 
 
@@ -289,21 +290,12 @@ class WSM(L.Callback):
                 "use the Hugging Face folder instead."
             )
             return
-        path = self.dirpath / f"step={step}.ckpt"
-        ling: dict[str, Any] = {"config": model.config.to_hf(), "tokens_seen": getattr(pl_module, "tokens_seen", 0)}
         tokenizer_spec = getattr(getattr(trainer, "datamodule", None), "tokenizer_spec", None)
-        if tokenizer_spec is not None:
-            ling["tokenizer"] = dict(tokenizer_spec)
-        checkpoint = {
-            "state_dict": {"model." + name: t.detach().clone() for name, t in model.state_dict().items()},
-            "ling": ling,
-            "global_step": step,
-            "wsm": {k: v for k, v in record.items() if k != "hf"},
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        path = write_weights_checkpoint(
+            self.dirpath / f"step={step}.ckpt", state, model.config, tokens_seen=getattr(pl_module, "tokens_seen", 0),
+            tokenizer=tokenizer_spec, global_step=step, wsm={k: v for k, v in record.items() if k != "hf"},
+        )  # fmt: skip
         record["checkpoint"] = os.fspath(path)
 
     # ---- state ------------------------------------------------------------------------------------

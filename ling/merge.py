@@ -391,27 +391,39 @@ def _recorded_tokenizer(sources: Sequence[TensorSource]) -> dict | None:
     return next((s.tokenizer for s in reversed(sources) if getattr(s, "tokenizer", None)), None)
 
 
-def _write_ckpt(path: Path, result: MergeResult, sources: Sequence[TensorSource]) -> Path:
-    """A weights-only LingModule checkpoint: `ling.convert` and `open_checkpoint` read it, and
-    `LingModule.load_state_dict` + `on_load_checkpoint` take it; it has no optimizer or loop state,
-    so a trainer cannot resume from it."""
-    newest = _ling_entry(result.paths[-1])
+def write_weights_checkpoint(
+    path: str | os.PathLike,
+    state: dict[str, torch.Tensor],
+    config: LingConfig,
+    tokens_seen: int = 0,
+    source_tokens: Sequence[int] = (),
+    tokenizer: dict | None = None,
+    **extra: Any,
+) -> Path:
+    """A weights-only LingModule checkpoint (written atomically): `ling.convert` and `open_checkpoint`
+    read it, and `LingModule.load_state_dict` + `on_load_checkpoint` take it; it has no optimizer or
+    loop state, so a trainer cannot resume from it. `extra` entries are stored beside (e.g. `merge`)."""
     ling: dict[str, Any] = {
-        "config": result.config.to_hf(),
-        "tokens_seen": int(newest.get("tokens_seen", 0)),
-        "source_tokens": list(newest.get("source_tokens", [])),
+        "config": config.to_hf(),
+        "tokens_seen": int(tokens_seen),
+        "source_tokens": list(source_tokens),
     }
-    spec = _recorded_tokenizer(sources)
-    if spec is not None:
-        ling["tokenizer"] = dict(spec)
-    checkpoint = {
-        "state_dict": {MODULE_PREFIX + name: tensor for name, tensor in result.state.items()},
-        "ling": ling,
-        "merge": {"checkpoints": [os.fspath(p) for p in result.paths], "weights": list(result.weights)},
-    }
+    if tokenizer is not None:
+        ling["tokenizer"] = dict(tokenizer)
+    checkpoint = {"state_dict": {MODULE_PREFIX + name: t for name, t in state.items()}, "ling": ling, **extra}
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
     return path
+
+
+def _write_ckpt(path: Path, result: MergeResult, sources: Sequence[TensorSource]) -> Path:
+    newest = _ling_entry(result.paths[-1])
+    merge = {"checkpoints": [os.fspath(p) for p in result.paths], "weights": list(result.weights)}
+    return write_weights_checkpoint(
+        path, result.state, result.config, tokens_seen=newest.get("tokens_seen", 0),
+        source_tokens=newest.get("source_tokens", []), tokenizer=_recorded_tokenizer(sources), merge=merge,
+    )  # fmt: skip
 
 
 # ---- command line ------------------------------------------------------------------------------

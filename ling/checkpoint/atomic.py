@@ -103,7 +103,7 @@ def fsync_path(path: str | os.PathLike) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
+    except OSError:  # some filesystems refuse fsync on a folder; the rename itself is still atomic
         pass
     finally:
         os.close(fd)
