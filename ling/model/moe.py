@@ -96,11 +96,18 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [M, H] rows sorted by expert; counts: [E] rows per expert (this rank's experts)."""
-        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        return self.swiglu(x, torch.cumsum(counts, dim=0, dtype=torch.int32))
+
+    def swiglu(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """The three grouped GEMMs; offs: [E] int32 end row of each expert's group."""
         gate_proj, up_proj, down_proj = (_local(w) for w in (self.gate_proj, self.up_proj, self.down_proj))
-        gate = torch._grouped_mm(x, gate_proj.transpose(-2, -1), offs=offs)
-        up = torch._grouped_mm(x, up_proj.transpose(-2, -1), offs=offs)
-        return torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offs)
+        gate = self.grouped_mm(x, gate_proj, offs)
+        up = self.grouped_mm(x, up_proj, offs)
+        return self.grouped_mm(F.silu(gate) * up, down_proj, offs)
+
+    def grouped_mm(self, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """x @ weight[e].T for each expert's rows; weight: [E, out, in]."""
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
 
     def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The same computation one expert at a time: the reference the grouped path is tested against."""

@@ -1,5 +1,5 @@
-"""`parallelize(model, mesh, plan)`: expert parallelism, activation checkpointing, compilation and
-FSDP2, applied to a plain `LingForCausalLM` (built on the meta device) in that order.
+"""`parallelize(model, mesh, plan)`: float8, expert parallelism, activation checkpointing, compilation
+and FSDP2, applied to a plain `LingForCausalLM` (built on the meta device) in that order.
 
 FSDP2 units: one per decoder block and per MTP layer; with ep > 1 the routed experts of each MoE
 block are an inner unit sharded over `efsdp` (their ep split is already a DTensor dimension); the
@@ -11,9 +11,10 @@ divided by the whole data-parallel size, like every other gradient, instead of b
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -23,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from ling.config import ConfigError
 from ling.model.moe import MoE
 from ling.parallel.expert_parallel import ExpertParallel
+from ling.parallel.float8 import Float8Plan, apply_float8
 
 AC_MODES = ("none", "full", "moe")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,15 +35,18 @@ class ParallelPlan:
     """param_dtype: FSDP compute dtype (None: the parameters' own, fp32); reduce_dtype: gradient
     reduction dtype; reshard_after_forward: free gathered weights after each block's forward (ZeRO-3)
     or keep them until backward (ZeRO-2); activation_checkpointing: none, full (each block) or moe
-    (the MoE part of each block); compile: torch.compile each block."""
+    (the MoE part of each block); compile: torch.compile each block; float8: a `Float8Plan` (or its
+    mapping: dense, experts, skip)."""
 
     param_dtype: str | None = "bfloat16"
     reduce_dtype: str | None = "float32"
     reshard_after_forward: bool = True
     activation_checkpointing: str = "none"
     compile: bool = False
+    float8: Float8Plan | dict | None = field(default_factory=Float8Plan)
 
     def __post_init__(self) -> None:
+        self.float8 = Float8Plan.parse(self.float8)
         if self.activation_checkpointing not in AC_MODES:
             raise ConfigError(
                 f"activation_checkpointing={self.activation_checkpointing!r} is not one of {', '.join(AC_MODES)}."
@@ -80,6 +85,9 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 def parallelize(model: nn.Module, mesh: DeviceMesh, plan: ParallelPlan) -> nn.Module:
     ep = mesh["ep"].size()
     world = mesh.size()
+    converted = apply_float8(model, plan.float8, compiled=plan.compile)
+    if converted:
+        rank_zero_info(converted)
     if ep > 1:
         experts = model.config.num_experts
         if experts % ep:

@@ -54,6 +54,7 @@ class LingParallelStrategy(ModelParallelStrategy):
         reshard_after_forward: bool = True,
         activation_checkpointing: str = "none",
         compile: bool = False,
+        float8: dict | None = None,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
@@ -65,6 +66,8 @@ class LingParallelStrategy(ModelParallelStrategy):
             ep: expert-parallel ranks, carved out of dp_shard (ep must divide it).
             param_dtype, reduce_dtype, reshard_after_forward, activation_checkpointing, compile:
                 see `ling.parallel.ParallelPlan`.
+            float8: torchao float8 training, e.g. {dense: rowwise, experts: fp8_rowwise}; see
+                `ling.parallel.float8.Float8Plan` (default: off).
         """
         super().__init__(
             data_parallel_size="auto",
@@ -76,7 +79,7 @@ class LingParallelStrategy(ModelParallelStrategy):
         # Checked when the Trainer is built (`_configure_launcher`), before any process starts: the
         # config parser builds this class while reading YAML and would bury an error raised here.
         self._sizes = (dp_replicate, dp_shard, ep)
-        self._plan_args = (param_dtype, reduce_dtype, reshard_after_forward, activation_checkpointing, compile)
+        self._plan_args = (param_dtype, reduce_dtype, reshard_after_forward, activation_checkpointing, compile, float8)
         self.plan: ParallelPlan | None = None
         self.dims: ParallelDims | None = None
         self.ling_mesh = None
@@ -101,6 +104,7 @@ class LingParallelStrategy(ModelParallelStrategy):
         self.validate(world)
         self._data_parallel_size = world  # Lightning's own mesh: every rank is data parallel
         super().setup_environment()
+        self.plan.float8.check_device(self.root_device, compiled=self.plan.compile)
         self.ling_mesh = build_mesh(self.dims, self.root_device.type)
         self.lightning_module.ling_mesh = self.ling_mesh
         self.lightning_module.parallel_plan = self.plan
