@@ -178,16 +178,16 @@ def test_twenty_fp8_steps_track_bf16(bf16_losses, fp8_run):
 
 
 @pytest.mark.slow
-def test_fp8_composes_with_activation_checkpointing_and_compiled_blocks(fp8_run, caplog, monkeypatch):
+def test_fp8_composes_with_activation_checkpointing_and_compiled_blocks(fp8_run, caplog):
     """The same plan with every block recomputed in backward and compiled: the same two first steps as
     eager fp8, up to the rounding of inductor's fused kernels (it keeps bf16 intermediates in fp32)."""
     import torch._inductor.config
 
-    # the rowwise recipe under compile sets inductor's emulate_precision_casts; undone after the test
-    monkeypatch.setattr(torch._inductor.config, "emulate_precision_casts", False)
-    losses, module = train(
-        {"dense": "rowwise", "experts": "mxfp8_emulated"}, steps=2, activation_checkpointing="full", compile=True
-    )
+    # the rowwise recipe under compile sets inductor's emulate_precision_casts; restored after the run
+    with torch._inductor.config.patch(emulate_precision_casts=torch._inductor.config.emulate_precision_casts):
+        losses, module = train(
+            {"dense": "rowwise", "experts": "mxfp8_emulated"}, steps=2, activation_checkpointing="full", compile=True
+        )
     assert "float8 dense (rowwise): 21 Linears" in caplog.text  # listed at startup
     assert sum(isinstance(m, Float8GroupedExperts) for m in module.model.modules()) == 3
     torch.testing.assert_close(losses, fp8_run[0][:2], rtol=2e-4, atol=0)
