@@ -1,4 +1,6 @@
-"""Write the trained model as a Hugging Face checkpoint folder when training ends."""
+"""Write the trained model as a Hugging Face checkpoint folder when training ends.
+
+The run's last checkpoint is written first, and weights that are not finite are never exported."""
 
 from __future__ import annotations
 
@@ -6,8 +8,11 @@ from pathlib import Path
 
 import lightning as L
 
+from callbacks.stages import secure_fit_end
 from ling.checkpoint import save_pretrained
 from ling.checkpoint.export import EXPORT_DTYPES, export_dtype
+from ling.config import ConfigError, check_rope_scaling
+from ling.nonfinite import NonFiniteError, weights_finite
 
 
 class HFExport(L.Callback):
@@ -29,16 +34,26 @@ class HFExport(L.Callback):
         config.json carries that tokenizer's token ids. A sharded model is written without gathering
         it on one host: one group of tensors is gathered at a time and rank 0 writes."""
         if dtype is not None and dtype not in EXPORT_DTYPES:
-            raise ValueError(f"HFExport dtype={dtype!r} is not one of {', '.join(EXPORT_DTYPES)} (or null).")
+            raise ConfigError(f"HFExport dtype={dtype!r} is not one of {', '.join(EXPORT_DTYPES)} (or null).")
         if remote_code is not None and not Path(remote_code).is_dir():
-            raise ValueError(f"HFExport remote_code={remote_code!r} is not a folder.")
+            raise ConfigError(f"HFExport remote_code={remote_code!r} is not a folder.")
+        try:  # checked at startup, not when the export at fit end writes it
+            check_rope_scaling(rope_scaling)
+        except ConfigError as err:
+            raise ConfigError(f"HFExport {err}") from None
         self.dirpath, self.dtype, self.max_shard_size = dirpath, dtype, max_shard_size
         self.rope_scaling, self.remote_code = rope_scaling, remote_code
         self.saved_to: Path | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        secure_fit_end(trainer, pl_module)
         folder = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "hf")
         model = pl_module.model
+        if not weights_finite(trainer, model.state_dict().values()):
+            raise NonFiniteError(
+                f"the weights at step {trainer.global_step} hold NaN or inf values, so no Hugging Face folder "
+                f"was written to {folder}."
+            )
         sharded = any(hasattr(p, "device_mesh") for p in model.parameters())
         if sharded or trainer.is_global_zero:  # a sharded model needs every rank for its gathers
             config = model.config

@@ -25,7 +25,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from callbacks.stages import stage_changes_with, stage_ends_at
+from callbacks.stages import check_nonfinite, secure_fit_end, stage_changes_with, stage_ends_at
 from ling.checkpoint.hf import write_atomic
 from ling.config import ConfigError
 
@@ -134,6 +134,7 @@ class LMEval(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.at_fit_end:
             return
+        secure_fit_end(trainer, pl_module)  # the last checkpoint first: an evaluation that fails cannot lose it
         step = trainer.global_step
         metrics = self.scores.get(step) or self._scheduled(trainer, pl_module)
         if trainer.is_global_zero:
@@ -142,6 +143,7 @@ class LMEval(L.Callback):
     def _scheduled(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         step = trainer.global_step
         if step not in self.scores:  # at most once per step (every N, a stage end and the end can coincide)
+            check_nonfinite(pl_module)
             self.scores[step] = self.evaluate(trainer, pl_module)
         return self.scores[step]
 

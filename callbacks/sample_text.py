@@ -1,10 +1,12 @@
-"""Print a sample generation from the model (with the data module's tokenizer) when training ends."""
+"""Print a sample generation from the model (with the data module's tokenizer) when training ends,
+after the run's last checkpoint is written (so a failing sample cannot lose it)."""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
 
+from callbacks.stages import secure_fit_end
 from ling.generate import generate
 
 
@@ -22,6 +24,7 @@ class SampleText(L.Callback):
         self.text: str | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        secure_fit_end(trainer, pl_module)
         tokenizer = trainer.datamodule.tokenizer
         prompt = torch.tensor([tokenizer.encode(self.prompt)], device=pl_module.device)
         new = generate(

@@ -1,8 +1,10 @@
-"""Where the curriculum stages of a run end, for callbacks that act at stage ends (lm-eval, WSM)."""
+"""Where the curriculum stages of a run end, for callbacks that act at stage ends (lm-eval, WSM), and
+what callbacks that act at the end of the fit do first (`secure_fit_end`)."""
 
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 def curriculum(trainer: L.Trainer):
@@ -25,3 +27,24 @@ def stage_changes_with(trainer: L.Trainer, pl_module: L.LightningModule, batch) 
         return False
     current = getattr(pl_module, "stage", None)
     return current is not None and batch.get("stage", current) != current
+
+
+def check_nonfinite(pl_module: L.LightningModule) -> None:
+    """Let the module stop the run on non-finite steps (`LingModule.check_nonfinite`; one host read)
+    before a callback uses or writes its weights."""
+    check = getattr(pl_module, "check_nonfinite", None)
+    if callable(check):
+        check()
+
+
+def secure_fit_end(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """What a callback's `on_train_end` does before its own work (every rank calls it).
+
+    Lightning runs the ModelCheckpoint callbacks' `on_train_end`, which writes `last.ckpt` when no
+    checkpoint has been saved yet, after every other callback's; run it now, so that an export,
+    evaluation or sample that fails cannot lose the checkpoint (it writes only once). First the module
+    may stop the run on non-finite steps, so that nothing is written or exported after them."""
+    check_nonfinite(pl_module)
+    for callback in getattr(trainer, "checkpoint_callbacks", ()):
+        if isinstance(callback, ModelCheckpoint):
+            callback.on_train_end(trainer, pl_module)

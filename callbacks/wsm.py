@@ -14,7 +14,9 @@ on the data module's validation batches, raw and merged side by side, plus lm-ev
 callback is in the trainer), written as a Hugging Face folder `<log dir>/wsm/step=<N>-hf/` and
 optionally as a single-file checkpoint `<log dir>/wsm/step=<N>.ckpt` that `python -m ling.convert`
 reads, and then the raw weights are put back bit for bit: training, the optimizer state included,
-continues exactly as without this callback.
+continues exactly as without this callback. A merge whose weights are not finite is neither evaluated
+nor written (one warning says so), and before merging the module may stop the run on non-finite
+steps (`LingModule.check_nonfinite`). At fit end the run's last checkpoint is written before the merge.
 
     trainer:
       callbacks:
@@ -38,11 +40,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from callbacks.stages import stage_changes_with, stage_ends_at
+from callbacks.stages import check_nonfinite, secure_fit_end, stage_changes_with, stage_ends_at
 from ling.checkpoint import save_pretrained
 from ling.checkpoint.export import EXPORT_DTYPES, export_dtype
 from ling.config import ConfigError
 from ling.merge import write_weights_checkpoint
+from ling.nonfinite import weights_finite
 from ling.wsm import MergeAccumulator, merge_weights
 
 
@@ -145,6 +148,7 @@ class WSM(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_fit_end and self.taken:
+            secure_fit_end(trainer, pl_module)  # the last checkpoint first: a merge that fails cannot lose it
             self._merge(trainer, pl_module, "fit end")
 
     def _end_window(self, trainer, pl_module, reason: str) -> None:
@@ -178,6 +182,7 @@ class WSM(L.Callback):
         return self._merge(trainer, pl_module, "requested")
 
     def _merge(self, trainer: L.Trainer, pl_module: L.LightningModule, reason: str) -> dict[str, Any]:
+        check_nonfinite(pl_module)
         step = trainer.global_step
         accumulator = self._live_accumulator(_merged_state(pl_module.model))
         used = self.weights[: len(self.taken)]
@@ -189,16 +194,16 @@ class WSM(L.Callback):
                 f"WSM at step {step}: the {len(self.taken)} snapshot(s) taken ({reason}) all have merge weight 0, "
                 "so there is nothing to merge; the window restarts."
             )
-        else:
-            self._apply(trainer, pl_module, record)
+        elif self._apply(trainer, pl_module, record):
             self.merges.append(record)
         accumulator.reset()
         self.taken = []
         self.window_start = step
         return record
 
-    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule, record: dict) -> None:
-        """Swap the merged weights in, evaluate and save them, and put the raw weights back bit for bit."""
+    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule, record: dict) -> bool:
+        """Swap the merged weights in, evaluate and save them, and put the raw weights back bit for bit.
+        False (after a warning, with nothing evaluated or written) when the merged weights are not finite."""
         model = pl_module.model
         state = _merged_state(model)
         raw = {name: _local(t).clone() for name, t in state.items()}
@@ -207,6 +212,12 @@ class WSM(L.Callback):
             record["raw_val_loss"] = self._val_loss(trainer, pl_module)
         try:
             self._accumulator.copy_into(state)  # sum(w x theta) / sum(w): a short window is renormalised
+            if not weights_finite(trainer, state.values()):
+                rank_zero_warn(
+                    f"WSM at step {step} ({record['reason']}): the merge of the snapshots at steps "
+                    f"{record['snapshots']} holds NaN or inf values, so it is neither evaluated nor written."
+                )
+                return False
             if self.evaluate:
                 record["val_loss"] = self._val_loss(trainer, pl_module)
             self.on_merged(trainer, pl_module, record)
@@ -230,6 +241,7 @@ class WSM(L.Callback):
                 f"{record['snapshots'][0]}..{record['snapshots'][-1]}): validation loss raw "
                 f"{record['raw_val_loss']:.4f}, merged {record['val_loss']:.4f}"
             )
+        return True
 
     def on_merged(self, trainer: L.Trainer, pl_module: L.LightningModule, record: dict[str, Any]) -> None:
         """Called on every rank while the merged weights are in `pl_module.model`; override to use them."""

@@ -7,7 +7,9 @@ and written back is the same file. Importing this module does not import torch.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,55 @@ class ConfigError(ValueError):
 
 def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_rope_scaling(rope_scaling: Any) -> None:
+    """A `rope_scaling` setting in full: null, {type: default}, or YaRN with a number factor >= 1, an
+    integer original_max_position_embeddings and only YaRN's own keys, each of the right kind."""
+    if rope_scaling is None:
+        return
+    if not isinstance(rope_scaling, dict):
+        raise ConfigError(f"rope_scaling={rope_scaling!r} must be null or a mapping.")
+    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"rope_scaling type {rope_type!r} is not supported; use one of {ROPE_TYPES}.")
+    if rope_type == "default":
+        ignored = sorted(set(rope_scaling) - {"type", "rope_type"})
+        if ignored:
+            raise ConfigError(
+                f"rope_scaling={rope_scaling!r} has type 'default', which would ignore {ignored}; "
+                "set type: yarn to scale the rope."
+            )
+        return
+    unknown = set(rope_scaling) - YARN_KEYS
+    if unknown:
+        raise ConfigError(f"rope_scaling has unknown keys {sorted(unknown)}; YaRN accepts {sorted(YARN_KEYS)}.")
+    factor = rope_scaling.get("factor")
+    if not _is_number(factor) or factor < 1:
+        raise ConfigError(f"rope_scaling factor={factor!r} must be a number >= 1 for YaRN.")
+    original = rope_scaling.get("original_max_position_embeddings", 1)
+    if not _is_id(original) or original == 0:
+        raise ConfigError(f"rope_scaling original_max_position_embeddings={original!r} must be a positive integer.")
+    for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        value = rope_scaling.get(key)
+        if value is not None and (not _is_number(value) or value <= 0):
+            raise ConfigError(f"rope_scaling {key}={value!r} must be a positive number or null.")
+    if not isinstance(rope_scaling.get("truncate", True), bool):
+        raise ConfigError(f"rope_scaling truncate={rope_scaling['truncate']!r} must be true or false.")
+
+
+def check_fields(names: Any) -> None:
+    """Every name is a LingConfig field (a config.json key); a misspelt one is named with the closest fields."""
+    valid = [f.name for f in dataclasses.fields(LingConfig) if f.name != "extra"]
+    for name in names:
+        if name not in valid and name != "extra":
+            close = difflib.get_close_matches(str(name), valid, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the fields are {', '.join(valid)}."
+            raise ConfigError(f"{name!r} is not a Ling config field (model_overrides takes config.json keys); {hint}")
 
 
 @dataclass
@@ -229,24 +280,7 @@ class LingConfig:
                 )
 
     def _validate_rope_scaling(self) -> None:
-        if self.rope_scaling is None:
-            return
-        if not isinstance(self.rope_scaling, dict):
-            raise ConfigError(f"rope_scaling={self.rope_scaling!r} must be null or a mapping.")
-        rope_type = self.rope_type
-        if rope_type not in ROPE_TYPES:
-            raise ConfigError(f"rope_scaling type {rope_type!r} is not supported; use one of {ROPE_TYPES}.")
-        if rope_type == "default":
-            return
-        unknown = set(self.rope_scaling) - YARN_KEYS
-        if unknown:
-            raise ConfigError(f"rope_scaling has unknown keys {sorted(unknown)}; YaRN accepts {sorted(YARN_KEYS)}.")
-        factor = self.rope_scaling.get("factor")
-        if not isinstance(factor, (int, float)) or factor < 1:
-            raise ConfigError(f"rope_scaling factor={factor!r} must be a number >= 1 for YaRN.")
-        original = self.rope_scaling.get("original_max_position_embeddings", self.max_position_embeddings)
-        if not isinstance(original, int) or original <= 0:
-            raise ConfigError(f"rope_scaling original_max_position_embeddings={original!r} must be a positive integer.")
+        check_rope_scaling(self.rope_scaling)
 
     # ---- Hugging Face config.json ---------------------------------------------------------
     @classmethod
@@ -305,4 +339,5 @@ class LingConfig:
             fh.write("\n")
 
     def replace(self, **changes: Any) -> LingConfig:
+        check_fields(changes)
         return dataclasses.replace(self, **changes)

@@ -4,6 +4,14 @@ Loss = main CE + mtp_loss_weight x mean MTP CE (+ router z-loss when enabled). T
 are updated once per optimizer step from the token counts of all its micro-batches, summed over
 the data-parallel ranks. The model is built in `configure_model` (on the meta device first), the
 one place where parallelism will be applied.
+
+A step whose loss or gradient norm is not finite is found on the device and, by default, not applied
+(`nonfinite`, see `NonFinitePolicy`); the host reads the count only where it waits for the device
+anyway (when the logger reads the step's metrics, at checkpoints and at the end of the fit).
+
+Resuming from a checkpoint compares this run's settings with the checkpoint's: a setting that
+changes the model's parameters or architecture is an error, every other change is applied and
+logged in one line.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ling.balance import ExpertLoad, max_violation, update_expert_bias
 from ling.checkpoint import load_hf_weights
@@ -24,10 +32,12 @@ from ling.config import ConfigError, LingConfig
 from ling.flops import training_flops_per_token
 from ling.model import LingForCausalLM
 from ling.model.masks import document_mask
+from ling.nonfinite import NonFiniteError, NonFinitePolicy, guarded_optimizer, rewind_step_counts, weights_finite
 from ling.optim import OptimizerConfig, build_optimizer
 from ling.parallel.clip import clip_grad_norm_
 from ling.planner import LOSS_CHUNK_TOKENS
 from ling.presets import preset
+from ling.resume import check_resume, resume_changes
 from ling.schedules import ScheduleConfig, build_scheduler
 
 
@@ -57,6 +67,7 @@ class LingModule(L.LightningModule):
         schedule: ScheduleConfig | None = None,
         peak_flops_per_device: float | None = None,
         loss_chunk_tokens: int | None = LOSS_CHUNK_TOKENS,
+        nonfinite: NonFinitePolicy | None = None,
     ):
         """
         Args:
@@ -67,17 +78,24 @@ class LingModule(L.LightningModule):
             mtp_loss_weight: weight of the mean MTP loss (default: the config's mtp_loss_scaling_factor).
             router_z_loss_coeff: router z-loss coefficient (0 = off).
             bias_update_rate: step size u of the aux-loss-free expert-bias update (0 = frozen).
-            grad_clip: clip the global gradient norm to this value (None or 0: no clipping).
+            grad_clip: clip the global gradient norm to this value (null: no clipping).
             optimizer: AdamW settings.
             schedule: learning-rate schedule (WSM by default, as in the Ling 2.0 report).
             peak_flops_per_device: peak FLOP/s of one device, for MFU (none: MFU is not logged).
             loss_chunk_tokens: compute the training and validation losses this many tokens at a time,
                 recomputing each chunk's logits in backward, so the full [tokens, vocab] logits never
                 exist (None: whole logits).
+            nonfinite: what a step with a non-finite loss or gradient norm does (`NonFinitePolicy`;
+                default: skip it, and stop after 3 in a row).
         """
         super().__init__()
+        # `not x > 0` form so that NaN is refused too.
+        if grad_clip is not None and not grad_clip > 0:
+            raise ConfigError(f"grad_clip={grad_clip} must be positive, or null for no clipping.")
+        if init_std is not None and not init_std > 0:
+            raise ConfigError(f"init_std={init_std} must be positive, or null for the model's initializer_range.")
         # Settings objects are stored as plain dicts so checkpoints load with weights_only=True.
-        self.save_hyperparameters(ignore=["optimizer", "schedule"])
+        self.save_hyperparameters(ignore=["optimizer", "schedule", "nonfinite"])
         overrides = dict(model_overrides or {})
         if router_z_loss_coeff:
             overrides["router_z_loss_coeff"] = router_z_loss_coeff
@@ -103,6 +121,8 @@ class LingModule(L.LightningModule):
         self.schedule_config = schedule or ScheduleConfig()
         self.hparams["optimizer"] = dataclasses.asdict(self.optimizer_config)
         self.hparams["schedule"] = dataclasses.asdict(self.schedule_config)
+        self.nonfinite = nonfinite or NonFinitePolicy()
+        self.hparams["nonfinite"] = dataclasses.asdict(self.nonfinite)
         self.peak_flops_per_device = peak_flops_per_device
         if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
             raise ConfigError(f"loss_chunk_tokens={loss_chunk_tokens} must be a positive number of tokens or null.")
@@ -115,6 +135,12 @@ class LingModule(L.LightningModule):
         self._base_rope = (self.config.rope_theta, self.config.rope_scaling)
         self._last_step_end: float | None = None
         self._seq_len = 0
+        # Non-finite steps: what the host has read (`check_nonfinite`), and the device counters
+        # [total, run of consecutive, step that ended the run (-1: none), latest non-finite step].
+        self.nonfinite_steps = 0
+        self._nonfinite_run = 0
+        self._nonfinite: torch.Tensor | None = None
+        self._host_steps_behind = False  # the optimizer counts steps on the host and counted skipped ones
 
     # ---- model construction -----------------------------------------------------------------
     def configure_model(self) -> None:
@@ -194,17 +220,41 @@ class LingModule(L.LightningModule):
         self.bias_update_rate = (
             self.hparams.bias_update_rate if data_stage.bias_update_rate is None else data_stage.bias_update_rate
         )
-        scheduler = self.lr_schedulers()
         peak = self.optimizer_config.lr if data_stage.lr is None else data_stage.lr
-        scheduler.base_lrs = [peak] * len(scheduler.optimizer.param_groups)
-        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
-            group["lr"] = lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+        self._set_peak_lr(peak)
         if self.stage is not None or self.trainer.global_step > 0:
             rank_zero_info(
                 f"step {self.trainer.global_step}: stage {data_stage.name!r} (rope_theta={theta}, "
                 f"rope_scaling={scaling}, bias_update_rate={self.bias_update_rate}, lr={peak})"
             )
         self.stage = index
+
+    def _set_peak_lr(self, peak: float) -> None:
+        """Make `peak` the schedule's peak learning rate from the current step on."""
+        scheduler = self.lr_schedulers()
+        scheduler.base_lrs = [peak] * len(scheduler.optimizer.param_groups)
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+
+    def on_train_start(self) -> None:
+        """This run's optimizer settings, over those a resumed optimizer state brought back.
+
+        Lightning restores the optimizer's parameter groups (learning rate, betas, eps, weight decay)
+        and the scheduler's peak from the checkpoint, after `on_load_checkpoint` has compared them
+        with this run's; here this run's are put in (a fresh run already has them)."""
+        config, optimizer = self.optimizer_config, self.optimizers().optimizer
+        for group in optimizer.param_groups:
+            group["betas"], group["eps"] = tuple(config.betas), config.eps
+            group["weight_decay"] = config.weight_decay if group.get("name", "decay") == "decay" else 0.0
+            if group.get("fused") != config.fused:
+                group["fused"] = config.fused
+                # A fused AdamW keeps its step counts on the device, the others on the host.
+                on_device = bool(group["fused"] or group.get("capturable"))
+                for p in group["params"]:
+                    step = optimizer.state.get(p, {}).get("step")
+                    if torch.is_tensor(step):
+                        optimizer.state[p]["step"] = step.to(p.device if on_device else "cpu", torch.float32)
+        self._set_peak_lr(config.lr)
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
@@ -239,23 +289,34 @@ class LingModule(L.LightningModule):
             self.manual_backward(out.loss / micro_batches)
             if out.tokens_per_expert is not None:
                 self.expert_load.add(out.tokens_per_expert)
-            losses.append(torch.stack([out.main_loss, *out.mtp_losses]).detach())
-        self._balance_experts()
-        norm = clip_grad_norm_(self.parameters(), self.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-
+            losses.append(torch.stack([out.main_loss, *out.mtp_losses, out.loss]).detach())
+        # [main, MTP 1.., total]: the mean over the micro-batches, then over all data-parallel ranks, so
+        # that every rank decides alike whether the step is finite.
         step_losses = torch.stack(losses).mean(0)
-        if self.trainer.world_size > 1:  # the mean over all data-parallel ranks
+        if self.trainer.world_size > 1:
             # A bare all-reduce: Lightning's strategy.reduce runs a barrier first, which with NCCL
             # blocks the host until the device has finished the step.
             torch.distributed.all_reduce(step_losses)
             step_losses = step_losses / self.trainer.world_size
+        norm = clip_grad_norm_(self.parameters(), self.grad_clip)  # the global norm: the same on every rank
+        finite = torch.isfinite(norm) & torch.isfinite(step_losses).all()  # stays on the device
+        self._count_nonfinite(finite)
+        skip = self.nonfinite.action == "skip"
+        self._balance_experts(finite if skip else None)
+        if skip:
+            self._host_steps_behind |= finite.device.type != "cpu"
+            with guarded_optimizer(optimizer.optimizer, finite):
+                optimizer.step()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
         self.log("train/loss", step_losses[0], prog_bar=True)
-        for k in range(1, len(step_losses)):
+        for k in range(1, len(step_losses) - 1):
             self.log(f"train/mtp_{k}_loss", step_losses[k])
         self.log("train/grad_norm", norm)
+        self.log("train/nonfinite_steps", self._nonfinite[0].float())
         self.log("train/lr", scheduler.get_last_lr()[0])
         self.log("train/micro_batches", float(micro_batches))
         self._seq_len = inputs.shape[-1]
@@ -265,6 +326,65 @@ class LingModule(L.LightningModule):
         self.log("data/stage", float(self.stage))
         self._log_shares(batch.get("source_rows"), inputs.shape[-1])
         self._log_throughput(step_tokens)
+
+    # ---- non-finite steps -------------------------------------------------------------------------
+    def _count_nonfinite(self, finite: torch.Tensor) -> None:
+        """Update the device counters for this step (no host read)."""
+        if self._nonfinite is None:  # once per fit: from what the host knows (a resumed run's counts)
+            start = [self.nonfinite_steps, self._nonfinite_run, -1, -1]
+            self._nonfinite = torch.tensor(start, dtype=torch.int64, device=finite.device)
+        total, run, ended, latest = self._nonfinite.unbind()
+        bad = (~finite).to(torch.int64)
+        step = self.trainer.global_step + 1  # the number of the step being taken
+        run = (run + 1) * bad
+        limit = 1 if self.nonfinite.action == "stop" else self.nonfinite.max_consecutive
+        if limit is not None:
+            ended = torch.where((ended < 0) & (run >= limit), step, ended)
+        latest = torch.where(bad.bool(), step, latest)
+        self._nonfinite = torch.stack([total + bad, run, ended, latest])
+
+    def check_nonfinite(self) -> bool:
+        """Read the non-finite step counters on the host: log the steps found since the last read, and
+        raise `NonFiniteError` once the policy says stop. One host read, so call it only where the host
+        waits for the device anyway (LingModule does: when the logger reads the step's metrics, before
+        a checkpoint is written and at the end of the fit; the fit-end callbacks do before their work).
+        Returns whether it rewound the optimizer's step counts (see `rewind_step_counts`)."""
+        if self._nonfinite is None:
+            return False
+        rewound = False
+        total, run, ended, latest = self._nonfinite.tolist()
+        new = total - self.nonfinite_steps
+        self.nonfinite_steps, self._nonfinite_run = total, run
+        skip = self.nonfinite.action == "skip"
+        if new > 0:
+            if skip and self._host_steps_behind:
+                rewind_step_counts(self.optimizers().optimizer, new, self.device)
+                rewound = True
+            what = "skipped (weights, optimizer state and expert biases unchanged)" if skip else "applied"
+            rank_zero_warn(
+                f"{new} optimizer step(s) up to step {latest} had a non-finite loss or gradient norm and were "
+                f"{what}; {total} in this run (train/nonfinite_steps)."
+            )
+        if ended >= 0:
+            if not skip:
+                raise NonFiniteError(
+                    f"optimizer step {ended} had a non-finite loss or gradient norm (nonfinite.action: stop), so "
+                    "training stops; no checkpoint or export was written after it, so the last checkpoint "
+                    "holds the last finite weights."
+                )
+            limit = self.nonfinite.max_consecutive
+            raise NonFiniteError(
+                f"{limit} optimizer steps in a row (steps {ended - limit + 1} to {ended}) had a non-finite loss "
+                f"or gradient norm and were skipped, so training stops with the weights of step {ended - limit}, "
+                "which the checkpoints keep; lower the learning rate, look at the data of those steps, or raise "
+                "nonfinite.max_consecutive."
+            )
+        return rewound
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # The logger reads this step's metrics right after this hook (and waits for the device there).
+        if self.trainer._logger_connector.should_update_logs:
+            self.check_nonfinite()
 
     def _log_shares(self, source_rows: torch.Tensor | None, seq_len: int) -> None:
         """The share of all tokens trained so far that came from each source (all ranks).
@@ -282,15 +402,20 @@ class LingModule(L.LightningModule):
         for name, tokens in zip(names, self.source_tokens, strict=True):
             self.log(f"data/share/{name}", tokens / total)
 
-    def _balance_experts(self) -> None:
+    def _balance_experts(self, finite: torch.Tensor | None = None) -> None:
+        """The expert-bias update of the step; kept out (on the device) where `finite` is false."""
         counts = self.expert_load.reduce()
         if counts is None:
             return
         if self.bias_update_rate > 0:
             for moe, layer_counts in zip(self.model.moe_layers(), counts, strict=True):
-                if moe.gate.expert_bias is None:  # moe_router_enable_expert_bias: false
+                bias = moe.gate.expert_bias
+                if bias is None:  # moe_router_enable_expert_bias: false
                     continue
-                update_expert_bias(moe.gate.expert_bias, layer_counts, self.bias_update_rate)
+                before = bias.detach().clone() if finite is not None else None
+                update_expert_bias(bias, layer_counts, self.bias_update_rate)
+                if before is not None:
+                    torch.where(finite, bias, before, out=bias)
         violation = max_violation(counts)
         self.log("load/max_violation_mean", violation.mean())
         self.log("load/max_violation_max", violation.max())
@@ -309,6 +434,7 @@ class LingModule(L.LightningModule):
             self.log("mfu", per_device * flops / self.peak_flops_per_device, prog_bar=True)
 
     def on_train_end(self) -> None:
+        self.check_nonfinite()
         metrics = self.trainer.callback_metrics
         parts = [f"{name} {float(metrics[name]):.4f}" for name in ("train/loss", "val/loss") if name in metrics]
         entropy = getattr(self.trainer.datamodule, "unigram_entropy", None)
@@ -333,10 +459,25 @@ class LingModule(L.LightningModule):
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Writing a checkpoint waits for the device anyway. Once the policy says stop, or when the weights
+        # are not finite, nothing is written: the last checkpoint keeps the last finite weights.
+        rewound = self.check_nonfinite()
+        if not weights_finite(self.trainer, self.model.state_dict().values()):
+            raise NonFiniteError(
+                f"the weights at step {self.trainer.global_step} hold NaN or inf values, so no checkpoint is written."
+            )
+        if rewound and "optimizer_states" in checkpoint:
+            # The step counts were rewound for skipped steps after Lightning collected the optimizer state.
+            strategy = self.trainer.strategy
+            checkpoint["optimizer_states"] = [strategy.optimizer_state(o) for o in self.trainer.optimizers]
+        theta, scaling = self._base_rope
         checkpoint["ling"] = {
             "tokens_seen": self.tokens_seen,
             "source_tokens": list(self.source_tokens),
             "config": self.config.to_hf(),
+            "base_rope": {"rope_theta": theta, "rope_scaling": scaling},  # before any stage's rope
+            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_run": self._nonfinite_run,
         }
         tokenizer_spec = getattr(getattr(self.trainer, "datamodule", None), "tokenizer_spec", None)
         if tokenizer_spec is not None:  # what `python -m ling.convert` writes beside the weights
@@ -346,20 +487,23 @@ class LingModule(L.LightningModule):
         saved = checkpoint.get("ling")
         if saved is None:
             return
-        ours = self.config.to_hf()
-        shape_fields = [k for k, v in saved["config"].items() if k in _SHAPE_FIELDS and ours.get(k) != v]
-        if shape_fields:
-            k = shape_fields[0]
-            raise ConfigError(
-                f"the checkpoint was trained with {k}={saved['config'][k]!r} but this run's model has "
-                f"{k}={ours[k]!r}; resume with the same model settings."
-            )
+        self.check_resume(checkpoint)
+        for name, ours, theirs, note in self._resume_changes(checkpoint):
+            rank_zero_info(f"resuming with {name}={ours!r} (the checkpoint was trained with {theirs!r}){note}")
         self.tokens_seen = saved["tokens_seen"]
         self.source_tokens = list(saved.get("source_tokens", []))
+        self.nonfinite_steps = int(saved.get("nonfinite_steps", 0))
+        self._nonfinite_run = int(saved.get("nonfinite_run", 0))
+        self._nonfinite = None
 
+    def check_resume(self, checkpoint: dict[str, Any]) -> None:
+        """One ConfigError naming every setting that differs from `checkpoint`'s (a trainer checkpoint,
+        or the `meta.pt` of a sharded one) and cannot change when resuming (see `ling.resume`)."""
+        if checkpoint.get("ling") is not None:
+            check_resume(checkpoint, self.config, self.optimizer_config)
 
-_SHAPE_FIELDS = {
-    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "moe_shared_expert_intermediate_size",
-    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts",
-    "num_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers",
-}  # fmt: skip
+    def _resume_changes(self, checkpoint: dict[str, Any]) -> list[tuple[str, Any, Any, str]]:
+        theta, scaling = self._base_rope  # the rope before any stage's
+        config_hf = {**self.config.to_hf(), "rope_theta": theta, "rope_scaling": scaling}
+        hparams = {**self.hparams, "mtp_loss_weight": self.mtp_loss_weight, "init_std": self.init_std}
+        return resume_changes(checkpoint, config_hf, hparams)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ling.config import ConfigError
+
 
 @dataclass
 class OptimizerConfig:
@@ -31,13 +33,13 @@ class OptimizerConfig:
         self.betas = tuple(self.betas)
         # `not x > 0` form so that NaN is rejected too.
         if not self.lr > 0:
-            raise ValueError(f"OptimizerConfig.lr must be > 0, got {self.lr}.")
+            raise ConfigError(f"OptimizerConfig.lr must be > 0, got {self.lr}.")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"OptimizerConfig.betas must be two values in [0, 1), got {self.betas}.")
+            raise ConfigError(f"OptimizerConfig.betas must be two values in [0, 1), got {self.betas}.")
         if not self.eps >= 0:
-            raise ValueError(f"OptimizerConfig.eps must be >= 0, got {self.eps}.")
+            raise ConfigError(f"OptimizerConfig.eps must be >= 0, got {self.eps}.")
         if not self.weight_decay >= 0:
-            raise ValueError(f"OptimizerConfig.weight_decay must be >= 0, got {self.weight_decay}.")
+            raise ConfigError(f"OptimizerConfig.weight_decay must be >= 0, got {self.weight_decay}.")
 
 
 def param_groups(model: nn.Module, weight_decay: float, embedding_weight_decay: bool) -> list[dict]:

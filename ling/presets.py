@@ -7,7 +7,7 @@ own config.json says so and wins when a checkpoint is loaded.
 
 from __future__ import annotations
 
-from ling.config import ConfigError, LingConfig
+from ling.config import ConfigError, LingConfig, check_fields
 
 _TRAINING = dict(num_nextn_predict_layers=1, mtp_loss_scaling_factor=0.1, initializer_range=0.006)
 
@@ -78,4 +78,5 @@ def preset(name: str, **overrides) -> LingConfig:
     key = name.lower()
     if key not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}.")
+    check_fields(overrides)
     return LingConfig(**{**PRESETS[key], **overrides})

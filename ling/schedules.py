@@ -21,6 +21,8 @@ from typing import Literal
 
 import torch
 
+from ling.config import ConfigError
+
 
 @dataclass
 class ScheduleConfig:
@@ -39,19 +41,21 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         if self.name not in ("wsm", "wsd", "cosine"):
-            raise ValueError(f"ScheduleConfig.name must be 'wsm', 'wsd' or 'cosine', got {self.name!r}.")
+            raise ConfigError(f"ScheduleConfig.name must be 'wsm', 'wsd' or 'cosine', got {self.name!r}.")
         if self.decay_shape not in ("linear", "cosine", "1-sqrt"):
-            raise ValueError(
+            raise ConfigError(
                 f"ScheduleConfig.decay_shape must be 'linear', 'cosine' or '1-sqrt', got {self.decay_shape!r}."
             )
         if self.warmup_steps < 0:
-            raise ValueError(f"ScheduleConfig.warmup_steps must be >= 0, got {self.warmup_steps}.")
+            raise ConfigError(f"ScheduleConfig.warmup_steps must be >= 0, got {self.warmup_steps}.")
         if self.total_steps is not None and self.total_steps <= 0:
-            raise ValueError(f"ScheduleConfig.total_steps must be > 0 or None, got {self.total_steps}.")
+            raise ConfigError(f"ScheduleConfig.total_steps must be > 0 or None, got {self.total_steps}.")
         if not 0 < self.decay_fraction <= 1:
-            raise ValueError(f"ScheduleConfig.decay_fraction must be in (0, 1], got {self.decay_fraction}.")
+            raise ConfigError(f"ScheduleConfig.decay_fraction must be in (0, 1], got {self.decay_fraction}.")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"ScheduleConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+            raise ConfigError(f"ScheduleConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+        if self.name != "wsm" and self.total_steps is not None:
+            _resolve_total(self, None)
 
 
 def _resolve_total(cfg: ScheduleConfig, total_steps: int | None) -> int:
@@ -59,16 +63,23 @@ def _resolve_total(cfg: ScheduleConfig, total_steps: int | None) -> int:
     total = cfg.total_steps if cfg.total_steps is not None else total_steps
     # Lightning's "no limit" max_steps is -1, so anything <= 0 counts as unset.
     if total is None or total <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"The {cfg.name!r} schedule needs an end step: set schedule.total_steps or trainer.max_steps "
-            f"(got {total_steps})."
+            "(neither is set; trainer.max_steps=-1 means no limit)."
         )
     if cfg.warmup_steps >= total:
-        raise ValueError(
+        raise ConfigError(
             f"The {cfg.name!r} schedule needs warmup_steps < total_steps, got warmup_steps={cfg.warmup_steps} "
             f"and total_steps={total}."
         )
     return total
+
+
+def check_schedule(cfg: ScheduleConfig, total_steps: int | None) -> None:
+    """Whether the schedule can run with the trainer's max_steps (`total_steps`; <= 0 or None: no limit):
+    WSD and cosine need an end step after the warmup. Raises ConfigError, for a check before training."""
+    if cfg.name != "wsm":
+        _resolve_total(cfg, total_steps)
 
 
 def _decay_shape(shape: str, p: float) -> float:
@@ -128,11 +139,11 @@ class BatchRamp:
 
     def __post_init__(self) -> None:
         if self.start <= 0:
-            raise ValueError(f"BatchRamp.start must be > 0, got {self.start}.")
+            raise ConfigError(f"BatchRamp.start must be > 0, got {self.start}.")
         if self.increment <= 0:
-            raise ValueError(f"BatchRamp.increment must be > 0, got {self.increment}.")
+            raise ConfigError(f"BatchRamp.increment must be > 0, got {self.increment}.")
         if self.ramp_samples < 0:
-            raise ValueError(f"BatchRamp.ramp_samples must be >= 0, got {self.ramp_samples}.")
+            raise ConfigError(f"BatchRamp.ramp_samples must be >= 0, got {self.ramp_samples}.")
 
 
 def ramp_global_batch(ramp: BatchRamp | None, target: int, consumed_samples: int) -> int:
@@ -142,22 +153,29 @@ def ramp_global_batch(ramp: BatchRamp | None, target: int, consumed_samples: int
     min(target, start + increment * floor(consumed_samples / (ramp_samples / n))). The floor is taken
     as (consumed_samples * n) // ramp_samples, the same value in exact integer arithmetic.
     """
-    if target <= 0:
-        raise ValueError(f"The target global batch size must be > 0, got {target}.")
+    check_ramp(ramp, target)
     if ramp is None:
         return target
-    if ramp.start > target:
-        raise ValueError(f"BatchRamp.start ({ramp.start}) must be <= the target global batch size ({target}).")
-    if (target - ramp.start) % ramp.increment:
-        raise ValueError(
-            f"The ramp from {ramp.start} to the target {target} is not a whole number of "
-            f"increments of {ramp.increment}."
-        )
     num_increments = (target - ramp.start) // ramp.increment
     if num_increments == 0 or ramp.ramp_samples == 0:
         return target
     done = (consumed_samples * num_increments) // ramp.ramp_samples
     return min(target, ramp.start + ramp.increment * done)
+
+
+def check_ramp(ramp: BatchRamp | None, target: int) -> None:
+    """A ramp that reaches the target global batch size in whole increments (no ramp: any positive target)."""
+    if target <= 0:
+        raise ConfigError(f"The target global batch size must be > 0, got {target}.")
+    if ramp is None:
+        return
+    if ramp.start > target:
+        raise ConfigError(f"BatchRamp.start ({ramp.start}) must be <= the target global batch size ({target}).")
+    if (target - ramp.start) % ramp.increment:
+        raise ConfigError(
+            f"The ramp from {ramp.start} to the target {target} is not a whole number of "
+            f"increments of {ramp.increment}."
+        )
 
 
 def global_batch_schedule(ramp: BatchRamp | None, target: int, steps: int) -> list[int]:

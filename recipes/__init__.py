@@ -81,6 +81,9 @@ class Recipe:
     export_rope_scaling: dict | None = None  # written into the exported HF config (context extension at inference)
     left_out: list[Stage] = field(default_factory=list)
     left_out_reason: str | None = None
+    # trainer.deterministic: torch's deterministic algorithms, so that reruns and resumes repeat the
+    # losses bit for bit (a few percent slower on CPU).
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.preset.lower() not in PRESETS:

@@ -107,6 +107,7 @@ def stage_config(recipe: Recipe) -> dict:
             **({} if cpu else {"strategy": _strategy(recipe)}),
             # On GPUs the strategy's FSDP2 policy computes in bf16 over fp32 master weights.
             "precision": "32-true",
+            "deterministic": recipe.deterministic,
             "max_steps": recipe.max_steps,
             "log_every_n_steps": 25 if cpu else 10,
             "val_check_interval": every,
@@ -114,7 +115,8 @@ def stage_config(recipe: Recipe) -> dict:
             "num_sanity_val_steps": 0,
             "default_root_dir": out_dir,
             "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                # Lightning's CSVLogger that claims its version folder atomically (ling/run_folder.py).
+                "class_path": "ling.run_folder.CSVLogger",
                 "init_args": {"save_dir": out_dir, "name": "logs"},
             },
             "callbacks": _callbacks(recipe, every),

@@ -8,6 +8,9 @@ The data plan is the report's in miniature, on the bundled corpora (Shakespeare'
 arithmetic): 128-token rows with a 70/30 text/reasoning mix, 256-token rows with 55/45 and the
 lower bias-update rate, then 512-token rows reached by YaRN (factor 2 on 256), as Ling reaches 128K
 from 32K. Tokens per step stay at 2,048, so the rows per micro-batch go 8 -> 4 -> 2.
+
+Deterministic (torch's deterministic algorithms, about 3% slower here): two runs of the demo, and a
+run resumed from a checkpoint, repeat each other's losses bit for bit (tests/test_reproducibility.py).
 """
 
 from ling.data.curriculum import Stage
@@ -45,6 +48,7 @@ TINY = Recipe(
     global_batch=16,
     seq_len=SEQ_LEN,
     micro_batch=MICRO_BATCH,
+    deterministic=True,
     layout=ParallelLayout(
         nodes=1,
         gpus_per_node=1,

@@ -40,3 +40,5 @@ def _isolate_lightning_globals():
     os.environ.pop("PL_GLOBAL_SEED", None)
     # Lightning's process launchers set the thread count (and OMP_NUM_THREADS) for their processes.
     torch.set_num_threads(1)
+    # trainer.deterministic (the CPU configs set it) switches torch's deterministic mode on process-wide.
+    torch.use_deterministic_algorithms(False)

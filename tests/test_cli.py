@@ -138,7 +138,7 @@ def test_unreadable_yaml_is_refused_before_training(tmp_path):
     bad.write_text("trainer: [\n  unclosed")
     result = run_cli("fit", "--config", str(bad))
     assert result.returncode == 2
-    assert "error: Problems parsing config" in result.stderr and "Traceback" not in result.stderr
+    assert f"error: --config {bad} is not valid YAML at line 2" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_continued_pretraining_starts_from_the_hf_checkpoint(tmp_path):

@@ -102,7 +102,7 @@ def test_two_ranks_read_disjoint_rows_that_make_up_the_step(tmp_path):
 
 
 def test_mixture_shares_follow_the_weights(tmp_path):
-    data = make(tmp_path, mixture={"low": 3.0, "high": 1.0}, global_batch_size=16)
+    data = make(tmp_path, mixture={"low": 0.75, "high": 0.25}, global_batch_size=16)
     counted = {"low": 0, "high": 0}
     claimed = torch.zeros(2, dtype=torch.long)
     for step in range(60):
@@ -130,7 +130,7 @@ def test_stage_switch_changes_length_and_mixture_at_the_exact_step(tmp_path):
 
 
 def test_resumed_stream_continues_across_a_stage_boundary(tmp_path):
-    stages = [Stage("a", steps=3), Stage("b", seq_len=32, mixture={"low": 1.0, "high": 2.0})]
+    stages = [Stage("a", steps=3), Stage("b", seq_len=32, mixture={"low": 1 / 3, "high": 2 / 3})]
     full = make(tmp_path, stages=stages)
     expected = [full.step_batch(s, 0) for s in range(6)]
     resumed = make(tmp_path, stages=stages)

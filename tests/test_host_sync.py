@@ -169,7 +169,8 @@ class CountSteps(L.Callback):
         }
 
 
-OPTIMIZER_STEP_COUNTS = ("Tensor.item", "ling/module.py:training_step", "torch/optim/")
+# The optimizer steps through `ling.module.guarded_optimizer`, which skips a non-finite step on the device.
+OPTIMIZER_STEP_COUNTS = ("Tensor.item", "ling/nonfinite.py:guarded_step", "torch/optim/")
 EP_SPLITS = ("Tensor.tolist", *["ling/parallel/expert_parallel.py:_dispatch"] * 2)
 
 

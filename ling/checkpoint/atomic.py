@@ -10,10 +10,18 @@ while the old one is still there. `swap_into_place` moves the old folder aside, 
 in and only then deletes the old one; a crash between two steps leaves hidden siblings
 (`.<name>.tmp-<token>`, `.<name>.old-<token>`, `.<name>.trash-<token>`) from which
 `recover_checkpoint_dir` puts the last complete checkpoint back under its name at the next start.
+`AtomicCheckpointIO` runs it on a folder before its first save there and on the folder of a
+checkpoint it resumes from; `LingParallelStrategy` on its checkpoint folders at setup.
+
+A save that fails (a full disk, a folder that cannot be written) raises `CheckpointWriteError`, an
+OSError with the cause's errno that names the checkpoint's path and the cause in one sentence,
+instead of torch's `unexpected pos` message; its temporary files are removed and whatever was under
+the checkpoint's name before is untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -26,7 +34,10 @@ from typing import Any
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ling.checkpoint.hf import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +50,127 @@ _FILE_TMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
 _DCP_FILE = re.compile(r"^(\.metadata|\.metadata\.tmp|meta\.pt|__\d+_\d+\.distcp)$")
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+class CheckpointWriteError(OSError, CheckpointError):
+    """A checkpoint that could not be written; `errno` is the cause's, `filename` the checkpoint's path.
+
+    Whatever was under that path before the save is still there, complete (or, after a failed swap,
+    put back there by `recover_checkpoint_dir` at the next start, as `message` then says).
+    """
+
+    def __init__(self, path: str | os.PathLike, code: int | None, reason: str, message: str | None = None):
+        super().__init__(code, reason, os.fspath(path))
+        self.message = message
+
+    def __str__(self) -> str:
+        if self.message:
+            return self.message
+        name = errno.errorcode.get(self.errno) if self.errno is not None else None
+        cause = f"{self.strerror} ({name})" if name else self.strerror
+        unchanged = "any earlier checkpoint under that name is unchanged"
+        return f"cannot write the checkpoint {self.filename}: {cause}; {unchanged}."
+
+    def __reduce__(self):  # rebuilt from the same values, e.g. when sent between processes
+        return type(self), (self.filename, self.errno, self.strerror, self.message)
+
+
+def write_error(exc: BaseException, path: str | os.PathLike) -> CheckpointWriteError | None:
+    """`exc`, raised while writing the checkpoint `path`, as a `CheckpointWriteError`, or None when it is
+    no write failure (an interrupt, a bug).
+
+    torch reports a failed write as `RuntimeError: ... unexpected pos`, with the OSError of the file
+    object as its context and none when torch opened the file itself; DCP wraps each rank's error in a
+    `CheckpointException`. The cause is looked for in all of them, and for a bare RuntimeError in the
+    folder itself (no space left, no write permission).
+    """
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return None
+    cause = _os_error(exc, set())
+    if cause is not None:
+        return CheckpointWriteError(path, cause.errno, cause.strerror or str(cause))
+    if isinstance(exc, RuntimeError):
+        code = _folder_fault(Path(path).parent)
+        if code is not None:
+            return CheckpointWriteError(path, code, os.strerror(code))
+    return None
+
+
+def _os_error(exc: BaseException | None, seen: set[int]) -> OSError | None:
+    if exc is None or id(exc) in seen:
+        return None
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc
+    for failure in (getattr(exc, "failures", None) or {}).values():  # DCP's CheckpointException
+        found = _os_error(failure[0] if isinstance(failure, tuple) else failure, seen)
+        if found is not None:
+            return found
+    return _os_error(exc.__cause__, seen) or _os_error(exc.__context__, seen)
+
+
+def _folder_fault(folder: Path) -> int | None:
+    """ENOSPC or EACCES when `folder` (or the nearest folder above it that exists) cannot take a new file."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
+        if os.statvfs(folder).f_bavail == 0:
+            return errno.ENOSPC
+    except OSError:
+        return None
+    return None if os.access(folder, os.W_OK | os.X_OK) else errno.EACCES
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` to a temporary file beside `path`, flushed to disk and renamed into place.
+
+    A failure removes the temporary file and raises `CheckpointWriteError`; `path` keeps what it held.
+    """
+    target = Path(path)
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        error = write_error(exc, target)
+        if error is None:
+            raise
+        raise error from exc
+    fsync_path(target.parent)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer for single files, made atomic (see the module docstring).
+
+    Before its first save into a folder, and before loading a checkpoint, the folder is cleaned of
+    what a killed save left there (on global rank 0, where Lightning saves).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tidied: set[Path] = set()
+
+    def _tidy(self, folder: Path) -> None:
+        folder = folder.resolve()
+        if folder not in self._tidied and rank_zero_only.rank == 0:
+            recover_checkpoint_dir(folder)
+            self._tidied.add(folder)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or not is_local_path(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
+        self._tidy(Path(path).parent)
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if is_local_path(path) and Path(path).is_file():
+            self._tidy(Path(path).parent)
+        return super().load_checkpoint(path, *args, **kwargs)
 
 
 def is_local_path(path: str | os.PathLike) -> bool:

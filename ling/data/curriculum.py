@@ -11,12 +11,16 @@ function of the step number, so the switch happens at the exact step in a run an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from ling.config import ConfigError, check_rope_scaling
 from ling.data.errors import DataError
-from ling.schedules import BatchRamp, ramp_global_batch
+from ling.schedules import BatchRamp, check_ramp, ramp_global_batch
 
 BATCH_MODES = ("tokens", "sequences")
+# How far mixture weights may sum from 1 (decimal weights such as 0.432 + 0.368 + 0.2 are not exact).
+WEIGHT_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -28,7 +32,7 @@ class Stage:
     tokens: int | None = None  # global token budget; the stage ends at the step that reaches it
     steps: int | None = None  # or a number of optimizer steps
     seq_len: int | None = None
-    mixture: dict[str, float] | None = None  # source name -> weight (normalised)
+    mixture: dict[str, float] | None = None  # source name -> weight (the weights sum to 1)
     global_batch_size: int | None = None  # rows per step at this stage's seq_len (overrides the ramp rule)
     rope_theta: float | None = None
     rope_scaling: dict | None = None  # e.g. {type: yarn, factor: 4.0, original_max_position_embeddings: 32768}
@@ -53,6 +57,70 @@ class StepPlan:
         return self.global_rows * self.seq_len
 
 
+def check_curriculum(
+    stages: list[Stage], sources: list[str], batch_mode: str = "tokens", default_mixture: dict[str, float] | None = None
+) -> list[list[float]]:
+    """The checks that need no batch shape or rank count: the batch mode and each stage's own
+    settings (budget, lengths, mixture, rope, rates). Returns each stage's weight per source."""
+    if batch_mode not in BATCH_MODES:
+        raise DataError(f"data.batch_mode={batch_mode!r} is not one of {', '.join(BATCH_MODES)}.")
+    if not stages:
+        raise DataError("data.stages is an empty list; give at least one stage or leave it unset.")
+    weights = [_weights(stage, sources, default_mixture) for stage in stages]
+    for index, stage in enumerate(stages):
+        _check_settings(stage, last=index == len(stages) - 1)
+    return weights
+
+
+def _weights(stage: Stage, sources: list[str], default: dict[str, float] | None) -> list[float]:
+    mixture, where = (
+        (stage.mixture, f"stage {stage.name!r}") if stage.mixture is not None else (default, "data.mixture")
+    )
+    if mixture is None:  # equal weights (the sampler normalises them)
+        return [1.0] * len(sources)
+    if not isinstance(mixture, dict):
+        raise DataError(f"{where}: mixture={mixture!r} must map source names to weights.")
+    unknown = [name for name in mixture if name not in sources]
+    if unknown:
+        raise DataError(f"{where} mixes source {unknown[0]!r}, which is not in data.sources ({', '.join(sources)}).")
+    for name, weight in mixture.items():
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
+            raise DataError(f"{where} gives source {name!r} weight {weight!r}; weights must be >= 0.")
+    total = sum(mixture.values())
+    if total <= 0:
+        raise DataError(f"{where} has mixture weights that are all zero; give one a positive weight.")
+    if not math.isfinite(total) or abs(total - 1) > WEIGHT_TOLERANCE:
+        shares = ", ".join(f"{name}: {weight / total:.4g}" for name, weight in mixture.items())
+        raise DataError(
+            f"{where} has mixture weights that sum to {total:.10g}, not 1; give shares that sum to 1 (e.g. {shares})."
+        )
+    return [float(mixture.get(name, 0.0)) for name in sources]
+
+
+def _check_settings(stage: Stage, last: bool) -> None:
+    if stage.tokens is not None and stage.steps is not None:
+        raise DataError(f"stage {stage.name!r} sets both tokens and steps; give one budget.")
+    for field in ("tokens", "steps", "seq_len", "global_batch_size"):
+        value = getattr(stage, field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise DataError(f"stage {stage.name!r}: {field}={value!r} must be a positive integer.")
+    if not last and stage.tokens is None and stage.steps is None:
+        raise DataError(f"stage {stage.name!r} is not the last stage, so it needs a budget (tokens or steps) to end.")
+    for field, positive in (("rope_theta", True), ("lr", True), ("bias_update_rate", False)):
+        value = getattr(stage, field)
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value < 0 or (positive and value == 0):
+            raise DataError(
+                f"stage {stage.name!r}: {field}={value!r} must be a number {'> 0' if positive else '>= 0'} (or unset)."
+            )
+    try:
+        check_rope_scaling(stage.rope_scaling)
+    except ConfigError as err:
+        raise DataError(f"stage {stage.name!r}: {err}") from None
+
+
 class Curriculum:
     def __init__(
         self,
@@ -66,51 +134,19 @@ class Curriculum:
         batch_mode: str = "tokens",
         default_mixture: dict[str, float] | None = None,
     ):
-        if batch_mode not in BATCH_MODES:
-            raise DataError(f"data.batch_mode={batch_mode!r} is not one of {', '.join(BATCH_MODES)}.")
-        if not stages:
-            raise DataError("data.stages is an empty list; give at least one stage or leave it unset.")
+        self.weights = check_curriculum(stages, sources, batch_mode, default_mixture)
+        check_ramp(ramp, global_batch_size)
         self.stages, self.sources, self.base_seq_len = stages, sources, seq_len
         self.micro_batch_size, self.global_batch_size, self.ramp = micro_batch_size, global_batch_size, ramp
         self.ranks, self.batch_mode = ranks, batch_mode
-        self.weights = [self._weights(stage, default_mixture) for stage in stages]
-        for i, stage in enumerate(stages):
-            self._check_stage(i, stage)
+        for stage in stages:
+            self._check_shapes(stage)
         # Walked lazily: stage, step-in-stage and tokens consumed before each step.
         self._plans: list[StepPlan] = []
         self._next = (0, 0, 0, 0)  # (step, stage, step_in_stage, tokens_before) of the next plan to build
         self._stage_tokens = 0
 
-    # ---- validation ---------------------------------------------------------------------------
-    def _weights(self, stage: Stage, default: dict[str, float] | None) -> list[float]:
-        mixture = stage.mixture if stage.mixture is not None else default
-        if mixture is None:
-            mixture = dict.fromkeys(self.sources, 1.0)
-        unknown = [name for name in mixture if name not in self.sources]
-        if unknown:
-            raise DataError(
-                f"stage {stage.name!r} mixes source {unknown[0]!r}, which is not in data.sources "
-                f"({', '.join(self.sources)})."
-            )
-        for name, weight in mixture.items():
-            if not isinstance(weight, (int, float)) or weight < 0 or weight != weight:
-                raise DataError(f"stage {stage.name!r} gives source {name!r} weight {weight!r}; weights must be >= 0.")
-        if sum(mixture.values()) <= 0:
-            raise DataError(f"stage {stage.name!r} has mixture weights that are all zero; give one a positive weight.")
-        return [float(mixture.get(name, 0.0)) for name in self.sources]
-
-    def _check_stage(self, index: int, stage: Stage) -> None:
-        last = index == len(self.stages) - 1
-        if stage.tokens is not None and stage.steps is not None:
-            raise DataError(f"stage {stage.name!r} sets both tokens and steps; give one budget.")
-        for field in ("tokens", "steps", "seq_len", "global_batch_size"):
-            value = getattr(stage, field)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise DataError(f"stage {stage.name!r}: {field}={value!r} must be a positive integer.")
-        if not last and stage.tokens is None and stage.steps is None:
-            raise DataError(
-                f"stage {stage.name!r} is not the last stage, so it needs a budget (tokens or steps) to end."
-            )
+    def _check_shapes(self, stage: Stage) -> None:
         batches = {self.global_batch_size}
         if self.ramp is not None:
             batches |= {self.ramp.start, self.ramp.start + self.ramp.increment}

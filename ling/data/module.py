@@ -13,6 +13,7 @@ so ranks never read the same row in a step.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import lightning as L
@@ -20,17 +21,34 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ling.data.curriculum import Curriculum, Stage, StepPlan
+from ling.data.curriculum import Curriculum, Stage, StepPlan, check_curriculum
 from ling.data.errors import DataError
 from ling.data.packing import document_ids, document_positions
 from ling.data.sampling import mixture_counts, permute, stable_key
 from ling.data.sources import SourceSpec, load_source
 from ling.data.tokenize import TokenStream, tokenize_source
-from ling.data.tokenizer import load_tokenizer
+from ling.data.tokenizer import document_end_id, load_tokenizer
 from ling.model.model import IGNORE_INDEX
-from ling.schedules import BatchRamp
+from ling.schedules import BatchRamp, check_ramp
 
 _CHUNK = 1024  # steps of mixture counts drawn at once
+
+
+def _settings(cls: type, value, what: str):
+    """A Stage or SourceSpec from itself or a mapping of its fields (as the Python API may pass)."""
+    if isinstance(value, cls):
+        return value
+    fields = dataclasses.fields(cls)
+    names = ", ".join(f.name for f in fields)
+    if not isinstance(value, dict):
+        raise DataError(f"{what} is {value!r}; give a mapping of {names}.")
+    unknown = [key for key in value if key not in {f.name for f in fields}]
+    if unknown:
+        raise DataError(f"{what}: {unknown[0]!r} is not a setting; valid ones are {names}.")
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in value]
+    if missing:
+        raise DataError(f"{what} needs {missing[0]!r}.")
+    return cls(**value)
 
 
 class SourceRows:
@@ -46,17 +64,21 @@ class SourceRows:
     def count(self, seq_len: int) -> int:
         return (self.end - 1) // seq_len
 
-    def rows(self, draws: np.ndarray, seq_len: int, key: int) -> np.ndarray:
-        """Rows for the given draw numbers: draw k reads row perm_epoch(k % n) of epoch k // n."""
+    def rows(self, draws: np.ndarray, seq_len: int, key: int, with_loss: bool = False):
+        """Rows for the given draw numbers: draw k reads row perm_epoch(k % n) of epoch k // n; with_loss:
+        (rows, whether each token is trained) from the stream's loss mask."""
         n = self.count(seq_len)
         out = np.empty((len(draws), seq_len + 1), dtype=np.int64)
+        trained = np.ones(out.shape, dtype=bool)
         epochs = draws // n
         for epoch in np.unique(epochs):
             at = epochs == epoch
             rows = permute(draws[at] % n, n, stable_key(key, self.name, int(epoch)))
             for slot, row in zip(np.flatnonzero(at), rows):
                 out[slot] = self.stream.read(int(row) * seq_len, seq_len + 1)
-        return out
+                if with_loss and self.stream.has_loss_mask:
+                    trained[slot] = self.stream.read_loss(int(row) * seq_len, seq_len + 1)
+        return (out, trained) if with_loss else out
 
 
 class MixturePlan:
@@ -151,10 +173,12 @@ class LingDataModule(L.LightningDataModule):
             batch_ramp: grow the global batch from `start` by `increment` over `ramp_samples` rows.
             batch_mode: at another stage length keep the tokens per step ("tokens", rows adjust) or
                 the rows per step ("sequences").
-            mixture: default source weights for stages that set none (default: equal).
+            mixture: default source weights for stages that set none, summing to 1 (default: equal).
             stages: the curriculum (default: one open-ended stage at seq_len).
-            eod_mask_loss: no loss on predicting the token after an EOS (the next document's first
-                token, which nothing in the row predicts); EOS itself is always a target.
+            eod_mask_loss: no loss on predicting the token after a document end (the next document's
+                first token, which nothing in the row predicts); the document end itself is a target.
+                The document end is the tokenizer's `document_end_id`: `<|endoftext|>` for Ling's chat
+                tokenizer, whose EOS `<|role_end|>` ends each turn, so a conversation is one document.
             document_isolation: position ids restart per document and attention stays inside it.
             val_fraction: share of each source's tokens held out (its tail) for validation.
             val_batches: validation micro-batches per rank and source.
@@ -165,16 +189,26 @@ class LingDataModule(L.LightningDataModule):
         super().__init__()
         if seq_len < 1 or micro_batch_size < 1:
             raise DataError(f"seq_len={seq_len} and micro_batch_size={micro_batch_size} must be positive.")
+        if global_batch_size is not None and global_batch_size < 1:
+            raise DataError(
+                f"data.global_batch_size={global_batch_size} must be a positive number of rows per step "
+                "(or null for one micro-batch per rank)."
+            )
         if not 0 < val_fraction < 1:
             raise DataError(f"val_fraction={val_fraction} must be between 0 and 1.")
         self.specs = dict(sources) if sources else {"pydoc": SourceSpec(path="pydoc")}
-        self.specs = {k: v if isinstance(v, SourceSpec) else SourceSpec(**v) for k, v in self.specs.items()}
+        self.specs = {k: _settings(SourceSpec, v, f"source {k!r}") for k, v in self.specs.items()}
         self.source_names = list(self.specs)
         self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
         self.global_batch_size, self.batch_ramp, self.batch_mode = global_batch_size, batch_ramp, batch_mode
         self.default_mixture = mixture
-        self.stages = list(stages) if stages else [Stage(name="main", seq_len=seq_len, mixture=mixture)]
-        self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
+        self.stages = list(stages) if stages is not None else [Stage(name="main", seq_len=seq_len)]  # data.mixture
+        self.stages = [_settings(Stage, s, f"stage {i}") for i, s in enumerate(self.stages)]
+        # Everything about the curriculum that needs no rank count is checked now, before any data is read;
+        # `setup` builds it for the run's ranks and checks the batch shapes.
+        check_curriculum(self.stages, self.source_names, batch_mode, mixture)
+        if batch_ramp is not None and global_batch_size is not None:
+            check_ramp(batch_ramp, global_batch_size)
         self.eod_mask_loss, self.document_isolation = eod_mask_loss, document_isolation
         self.val_fraction, self.val_batches, self.seed = val_fraction, val_batches, seed
         self.num_proc, self.cache_dir = num_proc, cache_dir
@@ -197,8 +231,9 @@ class LingDataModule(L.LightningDataModule):
         for name, spec in self.specs.items():
             raw = load_source(name, spec)
             field = spec.messages_field or spec.text_field
+            chat = spec.messages_field is not None
             tokenized = tokenize_source(
-                name, raw, self.tokenizer, field, spec.messages_field is not None, self.cache_dir, self.num_proc
+                name, raw, self.tokenizer, field, chat, self.cache_dir, self.num_proc, loss=spec.loss
             )
             streams.append(TokenStream(tokenized, name))
         self._streams = streams
@@ -247,10 +282,13 @@ class LingDataModule(L.LightningDataModule):
                 )
 
     # ---- batches --------------------------------------------------------------------------------
-    def _finish(self, windows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Inputs, labels (and document ids/positions) from rows of seq_len + 1 tokens."""
+    def _finish(self, windows: torch.Tensor, trained: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Inputs, labels (and document ids/positions) from rows of seq_len + 1 tokens; tokens that
+        `trained` (the rows' loss mask) marks False are no labels."""
         inputs, labels = windows[..., :-1], windows[..., 1:].clone()
-        eos = self.tokenizer.eos_token_id
+        eos = document_end_id(self.tokenizer)
+        if trained is not None:
+            labels[~trained[..., 1:]] = IGNORE_INDEX
         if self.eod_mask_loss:
             labels[inputs == eos] = IGNORE_INDEX
         batch = {"input_ids": inputs, "labels": labels}
@@ -273,12 +311,14 @@ class LingDataModule(L.LightningDataModule):
         micro, row = slots // plan.rows, slots % plan.rows
         mine = order[micro * (self.curriculum.ranks * plan.rows) + rank * plan.rows + row]
         windows = np.empty((len(mine), plan.seq_len + 1), dtype=np.int64)
+        trained = np.ones(windows.shape, dtype=bool)
         key = stable_key(self.seed, "rows", plan.stage)
         for j, source in enumerate(self.train_rows):
             at = np.flatnonzero(sources[mine] == j)
             if at.size:
-                windows[at] = source.rows(draws[mine[at]], plan.seq_len, key)
-        batch = self._finish(torch.from_numpy(windows).view(plan.micro_batches, plan.rows, plan.seq_len + 1))
+                windows[at], trained[at] = source.rows(draws[mine[at]], plan.seq_len, key, with_loss=True)
+        shape = (plan.micro_batches, plan.rows, plan.seq_len + 1)
+        batch = self._finish(torch.from_numpy(windows).view(shape), torch.from_numpy(trained).view(shape))
         batch["stage"] = plan.stage
         batch["source_rows"] = torch.from_numpy(counts.copy())
         return batch
@@ -308,8 +348,10 @@ class LingDataModule(L.LightningDataModule):
                 continue
             window = torch.from_numpy(stream.read(split, rows * T + 1))
             windows = window.unfold(0, T + 1, T)[rank::world]
+            trained = torch.from_numpy(stream.read_loss(split, rows * T + 1)).unfold(0, T + 1, T)[rank::world]
             for i in range(0, len(windows), self.micro_batch_size):
-                batch = self._finish(windows[i : i + self.micro_batch_size])
+                part = slice(i, i + self.micro_batch_size)
+                batch = self._finish(windows[part], trained[part])
                 batch["source"] = index
                 batches.append(batch)
         return DataLoader(_Batches(batches), batch_size=None)

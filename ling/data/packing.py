@@ -1,9 +1,13 @@
 """Packing documents into fixed-length training rows, and the document boundaries inside a row.
 
-Documents are joined into one stream with EOS after each, and the stream is cut into rows of
-seq_len + 1 tokens that overlap by one: inputs are row[:-1], labels row[1:], so every token of the
+Documents are joined into one stream with a document end after each, and the stream is cut into rows
+of seq_len + 1 tokens that overlap by one: inputs are row[:-1], labels row[1:], so every token of the
 stream is a label exactly once, in order. Ling trains without isolating documents (a row attends
-across its EOS tokens); `document_ids` gives what document isolation needs.
+across its document ends); `document_ids` gives what document isolation needs.
+
+The document end (`eos_id` here) is the tokenizer's `document_end_id`: its EOS, except for a chat
+tokenizer whose EOS ends every turn (Ling's `<|role_end|>`), where it is `<|endoftext|>`, so that a
+conversation is one document and not one per turn.
 """
 
 from __future__ import annotations
@@ -14,14 +18,15 @@ import torch
 
 
 def pack_stream(documents: Iterable[list[int]], eos_id: int) -> Iterator[int]:
+    """The documents' ids, each followed by the document end `eos_id`."""
     for doc in documents:
         yield from doc
         yield eos_id
 
 
 def pack_rows(documents: Iterable[list[int]], seq_len: int, eos_id: int) -> torch.Tensor:
-    """[rows, seq_len + 1]: consecutive windows of the EOS-joined stream, sharing one token at each
-    seam; the tail that does not fill a row is dropped."""
+    """[rows, seq_len + 1]: consecutive windows of the stream `pack_stream` joins, sharing one token at
+    each seam; the tail that does not fill a row is dropped."""
     stream = torch.tensor(list(pack_stream(documents, eos_id)), dtype=torch.long)
     rows = (stream.numel() - 1) // seq_len
     if rows == 0:
@@ -30,7 +35,8 @@ def pack_rows(documents: Iterable[list[int]], seq_len: int, eos_id: int) -> torc
 
 
 def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Per position, the index of its document within the row: a new document starts after each EOS."""
+    """Per position, the index of its document within the row: a new document starts after each
+    document end `eos_id` (the tokenizer's `document_end_id`, not a chat EOS that ends a turn)."""
     ends = (input_ids == eos_id).long()
     return torch.cumsum(ends, dim=-1) - ends
 

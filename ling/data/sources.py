@@ -19,6 +19,7 @@ from ling.data.bundled import BUNDLED, bundled_documents
 from ling.data.errors import DataError
 
 FORMATS = ("auto", "bundled", "json", "parquet", "text", "disk", "hub")
+_BLANK_LIMIT = 4096  # bytes; a larger file is taken to hold documents
 _EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".md": "text"}
 
 
@@ -36,6 +37,8 @@ class SourceSpec:
     subset: the hub dataset's configuration name.
     sample_by: for text files, one document per file ("document"), per blank-line paragraph or per line.
     max_documents: keep only the first N documents.
+    loss: which tokens of a chat source are trained: "all", or "assistant" for the assistant replies
+        only (content and turn end; not the role headers, the system or the user turns).
     """
 
     path: str
@@ -46,6 +49,7 @@ class SourceSpec:
     subset: str | None = None
     sample_by: str = "document"
     max_documents: int | None = None
+    loss: str = "all"
 
 
 def _files(name: str, path: str) -> list[Path]:
@@ -59,6 +63,13 @@ def _files(name: str, path: str) -> list[Path]:
     if not found:
         raise DataError(f"source {name!r}: no json, jsonl, parquet, txt or md files found at {path!r}; check the path.")
     return found
+
+
+def _is_blank(path: Path) -> bool:
+    """Whether a file holds nothing but whitespace (only small files are read to tell)."""
+    if path.stat().st_size > _BLANK_LIMIT:
+        return False
+    return not path.read_bytes().strip()
 
 
 def _format_of(name: str, spec: SourceSpec) -> str:
@@ -109,7 +120,14 @@ def _load(name: str, spec: SourceSpec, kind: str) -> datasets.Dataset:
                 "while HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set; give a local path or go online."
             )
         return datasets.load_dataset(spec.path, spec.subset, split=spec.split)
-    files = [str(p) for p in _files(name, spec.path)]
+    found = _files(name, spec.path)
+    # A file with nothing in it holds no documents (and the json and parquet readers fail on it).
+    files = [str(p) for p in found if not _is_blank(p)]
+    if not files:
+        what = (
+            f"{str(found[0])!r} is empty" if len(found) == 1 else f"all {len(found)} files at {spec.path!r} are empty"
+        )
+        raise DataError(f"source {name!r}: {what}; add documents or point the source at other files.")
     kwargs = {"sample_by": spec.sample_by} if kind == "text" else {}
     if kind == "text" and spec.sample_by not in ("document", "paragraph", "line"):
         raise DataError(f"source {name!r}: sample_by={spec.sample_by!r} is not one of document, paragraph, line.")

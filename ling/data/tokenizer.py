@@ -1,6 +1,6 @@
 """Tokenizers behind one small interface, so the data pipeline treats the built-in byte tokenizer and any
 Hugging Face tokenizer (e.g. Ling's own) alike: batch encoding without special tokens, chat rendering,
-and a stable fingerprint to key tokenized-data caches.
+the token that ends every training document, and a stable fingerprint to key tokenized-data caches.
 
 `load_tokenizer("byte")` needs no download; `load_tokenizer(path)` reads a local tokenizer folder or a
 single `tokenizer.json`. `save_hf_tokenizer` writes either kind as Hugging Face tokenizer files, so a
@@ -45,8 +45,12 @@ class Tokenizer(Protocol):
     """What the data pipeline needs from a tokenizer.
 
     `vocab_size` is the number of ids the tokenizer can emit (added tokens included); `encode` and
-    `encode_batch` never add BOS/EOS or other special tokens (the packer appends EOS itself); `decode`
-    leaves special tokens out; `fingerprint` is a hex digest that changes whenever the ids would.
+    `encode_batch` never add BOS/EOS or other special tokens (the packer appends the document end itself);
+    `decode` leaves special tokens out; `fingerprint` is a hex digest that changes whenever the ids would.
+
+    `eos_token_id` is the model-facing end (generation stops there; exported configs name it). A tokenizer
+    may also have a `document_end_id`, the token after every training document, where it differs from EOS
+    (a chat tokenizer whose EOS ends each turn); `document_end_id(tokenizer)` reads it, EOS by default.
     """
 
     @property
@@ -82,6 +86,7 @@ class ByteTokenizer:
     name = "byte"
     bos_token_id = None
     eos_token_id = 256
+    document_end_id = 256
     pad_token_id = 256  # as in Ling's own tokenizer, EOS doubles as pad and is never masked as padding
     eos_token = "<|endoftext|>"  # the name of id 256 in the Hugging Face form (`to_hf`)
     vocab_size = 257
@@ -108,6 +113,16 @@ class ByteTokenizer:
                 )
             lines.append(f"{role}: {content}\n")
         return "".join(lines)
+
+    def chat_segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """`apply_chat_template(messages)` cut into pieces, each flagged True where it is an assistant
+        message's reply: its content and the newline that ends it, without the `assistant: ` header."""
+        self.apply_chat_template(messages)  # the same checks
+        segments = []
+        for message in messages:
+            segments.append((f"{message['role']}: ", False))
+            segments.append((f"{message['content']}\n", message["role"] == "assistant"))
+        return segments
 
     def fingerprint(self) -> str:
         return _sha256(f"{type(self).__module__}.{type(self).__qualname__}:v{self.format_version}")
@@ -174,6 +189,11 @@ class HFTokenizer:
     `WELL_KNOWN_EOS_TOKENS` found in its vocabulary is used. Without a pad token, pad = EOS (as in Ling's
     own tokenizer, where `<|endoftext|>` is both). Instances pickle, so `encode_batch` can run in
     `datasets.Dataset.map(..., num_proc=N)` workers.
+
+    The document end (`document_end_id`) is the EOS, except where the tokenizer's own EOS is not one of
+    `WELL_KNOWN_EOS_TOKENS` and one of those is in its vocabulary: then the first such. So Ling's chat
+    tokenizer, whose EOS `<|role_end|>` ends every turn, ends documents with `<|endoftext|>`, and a
+    conversation stays one document. An `eos_token` given here is also the document end.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, name: str = "hf", eos_token: str | None = None) -> None:
@@ -188,6 +208,7 @@ class HFTokenizer:
                 f"tokenizer {name} ({type(tokenizer).__name__}) has no fast `tokenizers` backend; "
                 "save it with a tokenizer.json (any fast tokenizer's save_pretrained writes one)."
             )
+        explicit = eos_token is not None
         if eos_token is None:
             eos_token = _special_token(tokenizer, "eos_token")
         if eos_token is None:
@@ -206,6 +227,11 @@ class HFTokenizer:
             _require_in_vocab(tokenizer, pad_token, "pad", name)
         self.eos_token_id: int = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
         self.pad_token_id: int = tokenizer.convert_tokens_to_ids(tokenizer.pad_token)
+        document_end = eos_token
+        if not explicit and eos_token not in WELL_KNOWN_EOS_TOKENS:
+            document_end = next((t for t in WELL_KNOWN_EOS_TOKENS if backend.token_to_id(t) is not None), eos_token)
+        self.document_end_token: str = document_end
+        self.document_end_id: int = backend.token_to_id(document_end)
 
     @property
     def vocab_size(self) -> int:
@@ -239,7 +265,9 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.hf_tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The conversation as the chat template writes it; with `add_generation_prompt`, followed by the
+        header of the assistant reply that would come next."""
         if not self.hf_tokenizer.chat_template:
             raise DataError(
                 f"tokenizer {self.name} has no chat template; use a tokenizer whose tokenizer_config.json "
@@ -248,7 +276,9 @@ class HFTokenizer:
         from jinja2 import TemplateError
 
         try:
-            text = self.hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+            text = self.hf_tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
         except TemplateError as e:
             raise DataError(f"the chat template of tokenizer {self.name} rejected the conversation: {e}") from e
         return text
@@ -264,13 +294,23 @@ class HFTokenizer:
             "backend": backend,
             "eos": [tok.eos_token, self.eos_token_id],
             "pad": [tok.pad_token, self.pad_token_id],
+            "document_end": [self.document_end_token, self.document_end_id],
             "split_special_tokens": bool(getattr(tok, "split_special_tokens", False)),
             "chat_template": tok.chat_template,
         }
         return _sha256(json.dumps(state, sort_keys=True, ensure_ascii=False))
 
     def __repr__(self) -> str:
-        return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_token_id={self.eos_token_id})"
+        return (
+            f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_token_id={self.eos_token_id}, "
+            f"document_end_id={self.document_end_id})"
+        )
+
+
+def document_end_id(tokenizer: Tokenizer) -> int:
+    """The id that ends every training document: the tokenizer's `document_end_id`, else its EOS."""
+    end = getattr(tokenizer, "document_end_id", None)
+    return tokenizer.eos_token_id if end is None else end
 
 
 def special_token_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
@@ -327,7 +367,8 @@ def load_tokenizer(spec: str = "byte", eos_token: str | None = None) -> Tokenize
     file is loaded with `PreTrainedTokenizerFast`; its EOS is `eos_token` if given, else the `eos_token`
     of a tokenizer_config.json beside it, else the first of `WELL_KNOWN_EOS_TOKENS` in its vocabulary (the
     config's `pad_token` and `chat_template`, or a chat_template.jinja beside it, are used too).
-    `eos_token` also overrides a folder's EOS. Raises `DataError` for anything that cannot be loaded.
+    `eos_token` also overrides a folder's EOS, and then also ends every document (see `HFTokenizer` for
+    the document end otherwise). Raises `DataError` for anything that cannot be loaded.
     """
     if spec == "byte":
         if eos_token is not None:
@@ -379,8 +420,12 @@ def _load_file(path: Path, name: str, eos_token: str | None) -> HFTokenizer:
             "saved by the `tokenizers` library."
         ) from e
     config = _read_config(path.with_name("tokenizer_config.json"))
-    if eos_token is None:
-        eos_token = _token_content(config.get("eos_token"))
+    config_eos = _token_content(config.get("eos_token"))
+    if eos_token is None and config_eos is not None:
+        # Set on the tokenizer rather than passed on: it is the tokenizer's own EOS, not one chosen by the
+        # caller, so a well-known end-of-text token in the vocabulary may still end documents.
+        _require_in_vocab(tokenizer, config_eos, "EOS", name)
+        tokenizer.eos_token = config_eos
     pad_token = _token_content(config.get("pad_token"))
     if pad_token is not None:
         _require_in_vocab(tokenizer, pad_token, "pad", name)

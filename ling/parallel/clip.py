@@ -12,7 +12,12 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 
 def clip_grad_norm_(parameters, max_norm: float | None) -> torch.Tensor:
-    """The global L2 norm of the gradients (before clipping); clips when max_norm is set."""
+    """The global L2 norm of the gradients (before clipping); clips to max_norm unless it is None.
+
+    A max_norm of 0 or less is refused: the clip coefficient max_norm / norm would then be 0 or
+    negative, turning the step off or into gradient ascent."""
+    if max_norm is not None and not max_norm > 0:  # NaN too
+        raise ValueError(f"max_norm={max_norm} must be positive, or None for no clipping.")
     params_by_mesh: dict[object, list[torch.Tensor]] = {}
     for p in parameters:
         if p.grad is not None:
@@ -22,7 +27,7 @@ def clip_grad_norm_(parameters, max_norm: float | None) -> torch.Tensor:
         norm = get_total_norm([p.grad for p in params], norm_type=2.0)
         norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     total = torch.stack(norms).norm() if norms else torch.zeros(())
-    if max_norm:
+    if max_norm is not None:
         for params in params_by_mesh.values():
             clip_grads_with_norm_(params, max_norm, total)
     return total

@@ -9,7 +9,9 @@ resume from (DCP reshards on load).
 Every save is atomic: all ranks write into a hidden sibling folder, which rank 0 renames into place
 once every rank has finished (`ling.checkpoint.atomic.swap_into_place`), so a checkpoint under its
 final name, `last.ckpt` included, is always complete; what a killed save leaves behind is cleaned up,
-and a checkpoint moved aside is put back, at the next start (`recover_checkpoint_dir`).
+and a checkpoint moved aside is put back, at the next start (`recover_checkpoint_dir`). A save that
+fails on any rank (a full disk, a folder that cannot be written) removes the staged folder and makes
+every rank raise the same `CheckpointWriteError`, naming the checkpoint and the cause.
 
     strategy:
       class_path: ling.parallel.strategy.LingParallelStrategy
@@ -24,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.constants import default_pg_timeout
 
 from ling.checkpoint.atomic import (
+    CheckpointWriteError,
     discard,
     fsync_path,
     holds_only_checkpoint_files,
@@ -37,6 +41,7 @@ from ling.checkpoint.atomic import (
     remove_path,
     sibling,
     swap_into_place,
+    write_error,
 )
 from ling.config import ConfigError
 from ling.parallel.mesh import ParallelDims, build_mesh
@@ -128,7 +133,11 @@ class LingParallelStrategy(ModelParallelStrategy):
         return super().load_checkpoint(path, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
-        """Write into a hidden sibling on every rank, then rename it into place once all have finished."""
+        """Write into a hidden sibling on every rank, then rename it into place once all have finished.
+
+        When any rank cannot write its part, the sibling is removed and every rank raises the same
+        `CheckpointWriteError`; what was under `filepath` stays as it was.
+        """
         if storage_options is not None or not is_local_path(filepath):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         error = None
@@ -142,24 +151,46 @@ class LingParallelStrategy(ModelParallelStrategy):
             raise FileExistsError(error)
         target = Path(filepath)
         staged = sibling(target, "tmp", token)
+        failure = None
         try:
             super().save_checkpoint(checkpoint, staged)
             if self.is_global_zero:  # DCP syncs its own files; `meta.pt` or the single file is rank 0's
                 fsync_path(staged / "meta.pt" if staged.is_dir() else staged)
                 fsync_path(staged.parent if staged.is_file() else staged)
-        except BaseException:
+        except BaseException as exc:
+            failure = write_error(exc, target)
+            if failure is None:  # an interrupt or a bug: no rank waits for this one
+                if self.is_global_zero:
+                    remove_path(staged)
+                raise
+            failure.__cause__ = exc
+        # Every rank has written its shards, and learns whether any failed (`meta.pt` is rank 0's alone).
+        failures = self._gather_objects(None if failure is None else (failure.errno, failure.strerror))
+        first = next((f for f in failures if f is not None), None)
+        if first is not None:
             if self.is_global_zero:
                 remove_path(staged)
-            raise
-        self.barrier()  # every rank has written its shards
+            raise failure or CheckpointWriteError(target, *first)
         if self.is_global_zero:
             try:
                 swap_into_place(staged, target, token)
             except OSError as exc:
-                error = f"Could not move the checkpoint written at {staged} to {target}: {exc}."
+                error = (
+                    exc.errno,
+                    exc.strerror or str(exc),
+                    f"Could not move the checkpoint written at {staged} to {target}: {exc}.",
+                )
         error = self.broadcast(error)  # also the barrier that keeps the others until the swap is done
         if error:
-            raise OSError(error)
+            raise CheckpointWriteError(target, *error)
+
+    def _gather_objects(self, obj: Any) -> list:
+        """`obj` of every rank (a collective call)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return [obj]
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
 
     def remove_checkpoint(self, filepath) -> None:
         """Rename the checkpoint away before deleting it, so a crash never leaves half of one under its name."""
