@@ -124,3 +124,30 @@ def test_changed_settings_are_logged_once_each_and_used_from_the_first_step(tmp_
     # Each bias moves by rate x (sign - mean sign): at most 2 x 0.002 (at least 0.005 at the old 0.01).
     assert first.rate == 0.002 and 0 < first.bias_moved <= 2 * 0.002 + 1e-7
     assert first.theta == 20000.0 and module.grad_clip == 0.5
+
+
+def test_a_sharded_checkpoint_of_another_shape_is_one_sentence_before_loading(tmp_path):
+    """Lightning reads a sharded (DCP) checkpoint's weights before the module's hooks run; the strategy
+    compares the settings in its meta.pt first, so the error names the field, not a tensor."""
+    import torch.distributed as dist
+
+    from ling.parallel.strategy import LingParallelStrategy
+
+    def sharded_trainer(root, steps, callbacks):
+        return L.Trainer(
+            accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, default_root_dir=root, callbacks=callbacks,
+            strategy=LingParallelStrategy(param_dtype=None, reduce_dtype=None),
+        )  # fmt: skip
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+    try:
+        sharded_trainer(tmp_path, 1, [ckpt]).fit(make_module(), datamodule=data())
+        saved = tmp_path / "ckpt" / "epoch=0-step=1.ckpt"
+        assert (saved / "meta.pt").is_file()
+        other = make_module(model_overrides={"num_experts": 8, "n_group": 4})
+        with pytest.raises(ConfigError, match=r"trained with num_experts=16 but this run's model has num_experts=8"):
+            sharded_trainer(tmp_path, 2, []).fit(other, datamodule=data(), ckpt_path=saved)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.constants import default_pg_timeout
@@ -130,6 +131,12 @@ class LingParallelStrategy(ModelParallelStrategy):
         path = self.broadcast(checkpoint_path)
         if is_local_path(path):
             self._recover([Path(path).parent])  # a resume path saved by a killed run may sit aside
+            meta = Path(path) / "meta.pt"
+            check = getattr(self.lightning_module, "check_resume", None)
+            if meta.is_file() and callable(check):
+                # Lightning loads a sharded checkpoint's weights before the module's on_load_checkpoint runs,
+                # so a model of another shape would fail inside DCP with a message about tensors; check first.
+                check(torch.load(meta, map_location="cpu", weights_only=True))
         return super().load_checkpoint(path, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
