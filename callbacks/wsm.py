@@ -45,6 +45,7 @@ from ling.checkpoint import save_pretrained
 from ling.checkpoint.export import EXPORT_DTYPES, export_dtype
 from ling.config import ConfigError
 from ling.merge import write_weights_checkpoint
+from ling.model import IGNORE_INDEX
 from ling.nonfinite import weights_finite
 from ling.wsm import MergeAccumulator, merge_weights
 
@@ -248,8 +249,8 @@ class WSM(L.Callback):
 
     # ---- evaluation -------------------------------------------------------------------------------
     def _val_loss(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
-        """The main validation loss as LingModule.validation_step computes it (rows-weighted over the
-        batches, then over the ranks), on the data module's validation batches, on every rank."""
+        """The main validation loss as LingModule.validation_step computes it (the mean over every target
+        token of all batches and ranks), on the data module's validation batches, on every rank."""
         model = pl_module.model
         modes = [(m, m.training) for m in model.modules()]
         cpu_rng = torch.get_rng_state()
@@ -263,8 +264,8 @@ class WSM(L.Callback):
                         break
                     batch = trainer.strategy.batch_to_device(batch, pl_module.device)
                     out = pl_module(batch["input_ids"], batch["labels"], **pl_module._isolation(batch))
-                    rows = batch["input_ids"].shape[0]
-                    total += torch.stack([out.main_loss.double() * rows, torch.tensor(rows, dtype=torch.float64)])
+                    tokens = (batch["labels"] != IGNORE_INDEX).sum().double()
+                    total += torch.stack([out.main_loss.double() * tokens, tokens.to(total.device)])
         finally:
             for module, training in modes:
                 module.training = training

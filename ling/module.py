@@ -23,15 +23,19 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torchmetrics import MeanMetric
 
 from ling.balance import ExpertLoad, max_violation, update_expert_bias
 from ling.checkpoint import load_hf_weights
 from ling.checkpoint.load import pretrained_config
 from ling.config import ConfigError, LingConfig
-from ling.flops import training_flops_per_token
+from ling.flops import mfu, training_flops_per_token
 from ling.model import LingForCausalLM
 from ling.model.masks import document_mask
+from ling.model.model import IGNORE_INDEX
 from ling.nonfinite import NonFiniteError, NonFinitePolicy, guarded_optimizer, rewind_step_counts, weights_finite
 from ling.optim import OptimizerConfig, build_optimizer
 from ling.parallel.clip import clip_grad_norm_
@@ -81,7 +85,8 @@ class LingModule(L.LightningModule):
             grad_clip: clip the global gradient norm to this value (null: no clipping).
             optimizer: AdamW settings.
             schedule: learning-rate schedule (WSM by default, as in the Ling 2.0 report).
-            peak_flops_per_device: peak FLOP/s of one device, for MFU (none: MFU is not logged).
+            peak_flops_per_device: peak FLOP/s of one device, for MFU (none: Lightning's table of device
+                peaks for the compute dtype; MFU is not logged on devices it does not know, or on CPU).
             loss_chunk_tokens: compute the training and validation losses this many tokens at a time,
                 recomputing each chunk's logits in backward, so the full [tokens, vocab] logits never
                 exist (None: whole logits).
@@ -124,6 +129,7 @@ class LingModule(L.LightningModule):
         self.nonfinite = nonfinite or NonFinitePolicy()
         self.hparams["nonfinite"] = dataclasses.asdict(self.nonfinite)
         self.peak_flops_per_device = peak_flops_per_device
+        self._peak_flops: float | None = None  # the one in use, found at fit start
         if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
             raise ConfigError(f"loss_chunk_tokens={loss_chunk_tokens} must be a positive number of tokens or null.")
         self.loss_chunk_tokens = loss_chunk_tokens
@@ -141,6 +147,10 @@ class LingModule(L.LightningModule):
         self._nonfinite_run = 0
         self._nonfinite: torch.Tensor | None = None
         self._host_steps_behind = False  # the optimizer counts steps on the host and counted skipped ones
+        # Validation loss, token-weighted over all batches and ranks (created in `setup`).
+        self.val_loss: MeanMetric | None = None
+        self.val_source_loss: torch.nn.ModuleDict | None = None  # per source, keyed by its index
+        self._val_source_names: list[str] = []
 
     # ---- model construction -----------------------------------------------------------------
     def configure_model(self) -> None:
@@ -188,6 +198,24 @@ class LingModule(L.LightningModule):
                 f"attention_dropout={self.config.attention_dropout} cannot be used with document_isolation on a GPU, "
                 "where the document mask runs through flex attention, which has no dropout; set one of them off."
             )
+        self._setup_val_metrics(getattr(datamodule, "source_names", None) or [])
+
+    def _setup_val_metrics(self, names: list[str]) -> None:
+        """The validation loss metrics: one over all sources, and one per source when there are several.
+        float64 states, so the token-weighted sums stay exact to ~1e-12 over long validation sets. NaN is
+        kept, so a non-finite validation loss shows as such: `nan_strategy=nan` imputes NaN with NaN (the
+        default drops NaN values, and torchmetrics' "disable" also drops the weights)."""
+        device = self.trainer.strategy.root_device
+
+        def metric() -> MeanMetric:
+            return MeanMetric(nan_strategy=float("nan")).set_dtype(torch.float64).to(device)
+
+        if self.val_loss is None:
+            self.val_loss = metric()
+        names = list(names) if len(names) > 1 else []
+        if self.val_source_loss is None or names != self._val_source_names:
+            self._val_source_names = names
+            self.val_source_loss = torch.nn.ModuleDict({str(j): metric() for j in range(len(names))})
 
     # ---- curriculum stages ----------------------------------------------------------------------
     def _stage_rope(self, data_stage) -> tuple[float, dict | None]:
@@ -407,6 +435,7 @@ class LingModule(L.LightningModule):
         counts = self.expert_load.reduce()
         if counts is None:
             return
+        self.last_expert_counts = counts  # this step's tokens per expert, [moe layers, experts]
         if self.bias_update_rate > 0:
             for moe, layer_counts in zip(self.model.moe_layers(), counts, strict=True):
                 bias = moe.gate.expert_bias
@@ -422,16 +451,44 @@ class LingModule(L.LightningModule):
         for layer, value in zip(self.moe_layer_names, violation, strict=True):
             self.log(f"load/max_violation/{layer}", value)
 
+    def on_fit_start(self) -> None:
+        self._peak_flops = self._find_peak_flops()
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the matmuls run in: LingParallelStrategy's param_dtype, else the trainer precision's."""
+        plan = getattr(self, "parallel_plan", None)
+        if plan is not None and plan.param_dtype is not None:
+            return getattr(torch, plan.param_dtype)
+        return _plugin_to_compute_dtype(self.trainer.precision_plugin)
+
+    def _find_peak_flops(self) -> float | None:
+        """`peak_flops_per_device`, else Lightning's table entry for this device and compute dtype (None on
+        CPU and on devices the table lacks).
+
+        The table's figures are used as they are. Note that for some GPUs they are the datasheet's
+        with-sparsity numbers, twice the dense peak, although the table does not say so: bf16 on
+        "h100 sxm" is the dense 989.4e12, but "h100 nvl" (1978.8e12) and "h200 sxm1"/"h200 nvl1" (2.0e15
+        and 1.7e15) are sparse, so MFU there reads half the dense MFU; set `peak_flops_per_device` (e.g.
+        989.4e12 for an H200 SXM) for the dense figure. A device named plainly "NVIDIA H200" is not in
+        the table at all (no MFU without `peak_flops_per_device`)."""
+        if self.peak_flops_per_device:
+            return float(self.peak_flops_per_device)
+        device = self.trainer.strategy.root_device
+        if device.type != "cuda":
+            return None
+        peak = get_available_flops(device, self._compute_dtype())
+        return float(peak) if peak else None
+
     def _log_throughput(self, step_tokens: int) -> None:
         """Tokens/s over the whole step, data loading included; MFU when the device peak is known."""
         now = time.perf_counter()
         tokens_per_second = step_tokens / max(now - self._last_step_end, 1e-9)
         self._last_step_end = now
         self.log("tok_s", tokens_per_second, prog_bar=True)
-        if self.peak_flops_per_device:
+        if self._peak_flops:
             flops = training_flops_per_token(self.config, self._seq_len)
             per_device = tokens_per_second / self.trainer.world_size
-            self.log("mfu", per_device * flops / self.peak_flops_per_device, prog_bar=True)
+            self.log("mfu", mfu(per_device, flops, self._peak_flops), prog_bar=True)
 
     def on_train_end(self) -> None:
         self.check_nonfinite()
@@ -443,13 +500,28 @@ class LingModule(L.LightningModule):
         rank_zero_info(f"finished at step {self.trainer.global_step}: " + ", ".join(parts))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """val/loss: the mean loss over all target tokens of the validation set (all batches, all ranks),
+        each batch's mean weighted by its number of target tokens; val/ppl = exp(val/loss), the same as
+        torchmetrics' Perplexity over those tokens (which would need the full logits). Lightning syncs
+        the metrics over the ranks and resets them each validation epoch."""
+        if self.val_loss is None:  # validation run without `setup` (e.g. called by hand)
+            self._setup_val_metrics(getattr(getattr(self.trainer, "datamodule", None), "source_names", None) or [])
         out = self(batch["input_ids"], batch["labels"], **self._isolation(batch))
-        rows = batch["input_ids"].shape[0]
-        self.log("val/loss", out.main_loss, prog_bar=True, sync_dist=True, batch_size=rows)
-        names = getattr(self.trainer.datamodule, "source_names", None)
-        if names and "source" in batch and len(names) > 1:
-            self.log(f"val/loss/{names[batch['source']]}", out.main_loss, sync_dist=True, batch_size=rows)
+        loss = out.main_loss.detach().double()
+        tokens = (batch["labels"] != IGNORE_INDEX).sum()
+        self.val_loss.update(loss, weight=tokens)
+        self.log("val/loss", self.val_loss, prog_bar=True, on_step=False, on_epoch=True)
+        if self._val_source_names and "source" in batch:
+            j = int(batch["source"])
+            metric = self.val_source_loss[str(j)]
+            metric.update(loss, weight=tokens)
+            self.log(f"val/loss/{self._val_source_names[j]}", metric, on_step=False, on_epoch=True)
         return out.main_loss
+
+    def on_validation_epoch_end(self) -> None:
+        # Computed from the synced metric: `compute` caches its value, and Lightning resets it after the epoch.
+        if self.val_loss is not None and self.val_loss.update_called:
+            self.log("val/ppl", torch.exp(self.val_loss.compute()), on_step=False, on_epoch=True)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optimizer_config)

@@ -38,6 +38,9 @@ def _callbacks(recipe: Recipe, every: int) -> list[dict]:
             "init_args": {"dtype": None if _on_cpu(recipe) else "bfloat16", "rope_scaling": recipe.export_rope_scaling},
         },
         {"class_path": "callbacks.sample_text.SampleText"},
+        # per-layer expert load (and biases) as a heatmap every `every // 2` steps, and the plots of the run
+        {"class_path": "callbacks.expert_load.ExpertLoadHeatmap", "init_args": {"every_n_steps": every // 2}},
+        {"class_path": "callbacks.run_report.RunReport"},
     ]
     if _on_cpu(recipe):
         callbacks.append(_demo_lm_eval(recipe))
@@ -87,6 +90,17 @@ def _strategy(recipe: Recipe) -> dict:
     }
 
 
+def _loggers(out_dir: str, cpu: bool) -> dict | list[dict]:
+    # Lightning's CSVLogger that claims its version folder atomically (ling/run_folder.py); GPU runs log
+    # to TensorBoard too (`tensorboard --logdir outputs/<recipe>/tensorboard`).
+    csv = {"class_path": "ling.run_folder.CSVLogger", "init_args": {"save_dir": out_dir, "name": "logs"}}
+    if cpu:
+        return csv
+    tensorboard = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                   "init_args": {"save_dir": out_dir, "name": "tensorboard"}}  # fmt: skip
+    return [csv, tensorboard]
+
+
 def _on_cpu(recipe: Recipe) -> bool:
     return recipe.layout.world == 1 and recipe.layout.gpus_per_node == 1
 
@@ -114,11 +128,7 @@ def stage_config(recipe: Recipe) -> dict:
             "check_val_every_n_epoch": None,
             "num_sanity_val_steps": 0,
             "default_root_dir": out_dir,
-            "logger": {
-                # Lightning's CSVLogger that claims its version folder atomically (ling/run_folder.py).
-                "class_path": "ling.run_folder.CSVLogger",
-                "init_args": {"save_dir": out_dir, "name": "logs"},
-            },
+            "logger": _loggers(out_dir, cpu),
             "callbacks": _callbacks(recipe, every),
             "plugins": [{"class_path": "ling.checkpoint.atomic.AtomicCheckpointIO"}],
         },
