@@ -245,3 +245,28 @@ def test_tokenising_in_worker_processes_gives_the_same_ids(tmp_path):
     two = tokenize_source("s", data, ByteTokenizer(), cache_dir=tmp_path / "b", num_proc=2)
     assert one["input_ids"] == two["input_ids"]
     assert one["input_ids"][3] == list(b"document number 3 " * 4) + [EOS]
+
+
+def test_a_far_step_draws_its_mixture_without_recursing_per_chunk():
+    """A resumed run far into a stage draws the mixture counts of every earlier 1,024-step chunk (each
+    chunk's draws-before start where the previous one ends) in a loop, not one call deeper per chunk;
+    the counts equal those of a plan that walked there chunk by chunk."""
+    import inspect
+    import sys
+
+    from ling.data.curriculum import Curriculum, Stage
+    from ling.data.module import _CHUNK, MixturePlan
+
+    curriculum = Curriculum([Stage(name="s", mixture={"a": 0.5, "b": 0.5})], ["a", "b"], 32, 2, 4)
+    far = 150
+    walked = MixturePlan(curriculum, seed=3)
+    for chunk in range(far + 1):
+        walked.at(curriculum.plan(chunk * _CHUNK))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack()) + 60)  # far fewer frames than chunks
+    try:
+        cold = MixturePlan(curriculum, seed=3).at(curriculum.plan(far * _CHUNK + 5))
+    finally:
+        sys.setrecursionlimit(limit)
+    expected = walked.at(curriculum.plan(far * _CHUNK + 5))
+    assert all(np.array_equal(a, b) for a, b in zip(cold, expected, strict=True))

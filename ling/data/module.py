@@ -89,21 +89,27 @@ class MixturePlan:
         self._chunks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (stage, chunk) -> counts, before
 
     def _chunk(self, stage: int, chunk: int, first_step: int) -> tuple[np.ndarray, np.ndarray]:
-        if (stage, chunk) not in self._chunks:
-            before = np.zeros(len(self.curriculum.sources), dtype=np.int64)
-            if chunk > 0:
-                counts, prev = self._chunk(stage, chunk - 1, first_step)
-                before = prev[-1] + counts[-1]
-            rows = []
-            for u in range(chunk * _CHUNK, (chunk + 1) * _CHUNK):
-                plan = self.curriculum.plan(first_step + u)
-                if plan.stage != stage:
-                    break
-                rows.append(plan.global_rows)
-            key = stable_key(self.seed, "mixture", stage, chunk)
-            counts = mixture_counts(np.array(rows), np.array(self.curriculum.weights[stage]), key)
-            self._chunks[(stage, chunk)] = (counts, before + np.cumsum(counts, axis=0) - counts)
+        """The counts of one chunk of a stage; the chunks before it are drawn first (in a loop, from the
+        last one already known), since each chunk's draws-before start where the previous one ends."""
+        known = max((c for s, c in self._chunks if s == stage and c <= chunk), default=-1)
+        for missing in range(known + 1, chunk + 1):
+            self._draw_chunk(stage, missing, first_step)
         return self._chunks[(stage, chunk)]
+
+    def _draw_chunk(self, stage: int, chunk: int, first_step: int) -> None:
+        before = np.zeros(len(self.curriculum.sources), dtype=np.int64)
+        if chunk > 0:
+            counts, prev = self._chunks[(stage, chunk - 1)]
+            before = prev[-1] + counts[-1]
+        rows = []
+        for u in range(chunk * _CHUNK, (chunk + 1) * _CHUNK):
+            plan = self.curriculum.plan(first_step + u)
+            if plan.stage != stage:
+                break
+            rows.append(plan.global_rows)
+        key = stable_key(self.seed, "mixture", stage, chunk)
+        counts = mixture_counts(np.array(rows), np.array(self.curriculum.weights[stage]), key)
+        self._chunks[(stage, chunk)] = (counts, before + np.cumsum(counts, axis=0) - counts)
 
     def at(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
         """(rows drawn from each source at this step, draws from each source before it in the stage)."""
