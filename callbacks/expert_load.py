@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ling.balance import max_violation
 from ling.config import ConfigError
+from ling.model.dtensor import full
 
 
 class ExpertLoadHeatmap(L.Callback):
@@ -102,8 +103,7 @@ class ExpertLoadHeatmap(L.Callback):
                 rows.append(np.full(experts, np.nan))
                 continue
             bias = bias.detach()
-            if hasattr(bias, "full_tensor"):  # a DTensor: every rank takes part
-                bias = bias.full_tensor()
+            bias = full(bias)  # a DTensor: every rank takes part
             rows.append(bias.to(torch.float64).cpu().numpy())
         return np.stack(rows)
 

@@ -12,6 +12,7 @@ from callbacks.stages import secure_fit_end
 from ling.checkpoint import save_pretrained
 from ling.checkpoint.export import EXPORT_DTYPES, export_dtype
 from ling.config import ConfigError, check_rope_scaling
+from ling.model.dtensor import is_sharded
 from ling.nonfinite import NonFiniteError, weights_finite
 
 
@@ -54,7 +55,7 @@ class HFExport(L.Callback):
                 f"the weights at step {trainer.global_step} hold NaN or inf values, so no Hugging Face folder "
                 f"was written to {folder}."
             )
-        sharded = any(hasattr(p, "device_mesh") for p in model.parameters())
+        sharded = any(is_sharded(p) for p in model.parameters())
         if sharded or trainer.is_global_zero:  # a sharded model needs every rank for its gathers
             config = model.config
             if self.rope_scaling is not None:

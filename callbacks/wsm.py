@@ -46,6 +46,7 @@ from ling.checkpoint.export import EXPORT_DTYPES, export_dtype
 from ling.config import ConfigError
 from ling.merge import write_weights_checkpoint
 from ling.model import IGNORE_INDEX
+from ling.model.dtensor import is_sharded, local
 from ling.nonfinite import weights_finite
 from ling.wsm import MergeAccumulator, merge_weights
 
@@ -371,12 +372,11 @@ def _merged_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    return t.to_local() if hasattr(t, "to_local") else t
+    return local(t.detach())
 
 
 def _sharded(model: torch.nn.Module) -> bool:
-    return any(hasattr(p, "device_mesh") for p in model.parameters())
+    return any(is_sharded(p) for p in model.parameters())
 
 
 def _reshard(model: torch.nn.Module) -> None:

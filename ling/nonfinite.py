@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from ling.config import ConfigError
+from ling.model.dtensor import local
 
 
 class NonFiniteError(RuntimeError):
@@ -54,8 +55,7 @@ optimizer state before the step are what it keeps, so this bounds its extra memo
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    return t.to_local() if hasattr(t, "to_local") else t
+    return local(t.detach())
 
 
 def _chunks(groups: list[list[torch.Tensor]], limit: int):

@@ -28,11 +28,7 @@ import torch
 from torch import Tensor
 
 from ling.config import ConfigError
-
-try:  # torch built without distributed support has no DTensor
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
+from ling.model.dtensor import local as _local
 
 SHAPES = ("mean", "cosine", "1-sqrt", "ema")
 WEIGHT_TOLERANCE = 1e-6
@@ -138,13 +134,6 @@ def merge_weights(
         valid = ", ".join(repr(s) for s in SHAPES)
         raise ConfigError(f"A WSM merge needs a shape ({valid}) or explicit weights, got neither.")
     return merge_coefficients(decay_multipliers(shape, count, alpha))
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """The part of `tensor` this rank holds: the local shard of a DTensor, the tensor itself otherwise."""
-    if DTensor is not None and isinstance(tensor, DTensor):
-        return tensor.to_local()
-    return tensor
 
 
 def _add_scaled(acc: Tensor, src: Tensor, weight: float) -> None:

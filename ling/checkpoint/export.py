@@ -25,6 +25,7 @@ from ling.checkpoint.fp8 import scale_shape as fp8_scale_shape
 from ling.checkpoint.hf import CheckpointError, parse_size, write_hf_folder
 from ling.checkpoint.keys import internal_to_hf
 from ling.config import LingConfig
+from ling.model.dtensor import full, is_sharded
 
 # The dtypes a user may ask an export for, under their short and their torch names.
 EXPORT_DTYPES: dict[str, torch.dtype] = {
@@ -74,7 +75,7 @@ class ModelSource(TensorSource):
         self.config = model.config
         self.state = model.state_dict()
         self.shapes = {name: (tensor.shape, tensor.dtype) for name, tensor in self.state.items()}
-        sharded = any(hasattr(tensor, "device_mesh") for tensor in self.state.values())
+        sharded = any(is_sharded(tensor) for tensor in self.state.values())
         self.writer = not sharded or torch.distributed.get_rank() == 0
 
     def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor | None]:
@@ -83,8 +84,7 @@ class ModelSource(TensorSource):
             tensor = self.state[name].detach()
             if dtype is not None and tensor.is_floating_point() and not name.endswith("expert_bias"):
                 tensor = tensor.to(dtype)
-            if hasattr(tensor, "full_tensor"):
-                tensor = tensor.full_tensor()
+            tensor = full(tensor)
             out[name] = tensor.cpu() if self.writer else None
         return out
 

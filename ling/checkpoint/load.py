@@ -20,6 +20,7 @@ from ling.checkpoint.fp8 import BLOCK, SCALE_SUFFIX, dequantize_region, scale_sh
 from ling.checkpoint.hf import DTYPES, CheckpointError, checkpoint_keys, open_safetensors, weight_files
 from ling.checkpoint.keys import hf_to_internal, internal_to_hf_name
 from ling.config import LingConfig
+from ling.model.dtensor import is_sharded
 from ling.model.model import LingForCausalLM, init_weights
 
 log = logging.getLogger("ling.checkpoint")
@@ -81,7 +82,7 @@ def _local_region(target: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], 
     DTensor. A DTensor's region comes from `__create_chunk_list__`, the protocol DCP itself uses to
     learn which part of the global tensor a rank holds (it resolves FSDP2's strided sharding of the
     expert-parallel slices as well)."""
-    if not hasattr(target, "device_mesh"):
+    if not is_sharded(target):
         return target, (0,) * target.dim(), tuple(target.shape)
     chunks = target.__create_chunk_list__()
     if len(chunks) != 1:

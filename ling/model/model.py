@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from ling.config import LingConfig
 from ling.model.block import DecoderLayer, MTPLayer
 from ling.model.cache import KVCache
+from ling.model.dtensor import is_sharded
 from ling.model.moe import MoE, MoEStats
 from ling.model.norm import RMSNorm
 from ling.model.rope import RotaryEmbedding
@@ -64,7 +65,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.T
 
 
 def _normal_(param: torch.Tensor, std: float) -> None:
-    if hasattr(param, "device_mesh"):
+    if is_sharded(param):
         # A sharded parameter (DTensor): draw the whole tensor and keep this rank's part, so the values
         # are the same as an unsharded model's for the same seed, whatever the layout.
         from torch.distributed.tensor import distribute_tensor

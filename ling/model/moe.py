@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ling.config import LingConfig
+from ling.model.dtensor import local
 from ling.model.mlp import SwiGLU
 
 
@@ -80,11 +81,6 @@ class Router(nn.Module):
         return Routing(indices, weights * self.scaling, logits, scores)
 
 
-def _local(weight: torch.Tensor) -> torch.Tensor:
-    """This rank's experts when expert parallelism has split the stack (a DTensor), else the stack."""
-    return weight.to_local() if hasattr(weight, "to_local") else weight
-
-
 class GroupedExperts(nn.Module):
     """All routed experts as stacked weights, in the HF per-expert (out, in) orientation."""
 
@@ -100,7 +96,7 @@ class GroupedExperts(nn.Module):
 
     def swiglu(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """The three grouped GEMMs; offs: [E] int32 end row of each expert's group."""
-        gate_proj, up_proj, down_proj = (_local(w) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        gate_proj, up_proj, down_proj = (local(w) for w in (self.gate_proj, self.up_proj, self.down_proj))
         gate = self.grouped_mm(x, gate_proj, offs)
         up = self.grouped_mm(x, up_proj, offs)
         return self.grouped_mm(F.silu(gate) * up, down_proj, offs)

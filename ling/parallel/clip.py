@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
+from ling.model.dtensor import full, is_sharded
+
 
 def clip_grad_norm_(parameters, max_norm: float | None) -> torch.Tensor:
     """The global L2 norm of the gradients (before clipping); clips to max_norm unless it is None.
@@ -21,11 +23,11 @@ def clip_grad_norm_(parameters, max_norm: float | None) -> torch.Tensor:
     params_by_mesh: dict[object, list[torch.Tensor]] = {}
     for p in parameters:
         if p.grad is not None:
-            params_by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+            params_by_mesh.setdefault(p.grad.device_mesh if is_sharded(p.grad) else None, []).append(p)
     norms = []
     for params in params_by_mesh.values():
         norm = get_total_norm([p.grad for p in params], norm_type=2.0)
-        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        norms.append(full(norm))
     total = torch.stack(norms).norm() if norms else torch.zeros(())
     if max_norm is not None:
         for params in params_by_mesh.values():
