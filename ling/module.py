@@ -24,7 +24,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
@@ -459,7 +458,11 @@ class LingModule(L.LightningModule):
         plan = getattr(self, "parallel_plan", None)
         if plan is not None and plan.param_dtype is not None:
             return getattr(torch, plan.param_dtype)
-        return _plugin_to_compute_dtype(self.trainer.precision_plugin)
+        precision = str(self.trainer.precision_plugin.precision)  # "32-true", "bf16-mixed", "16-true", ...
+        for prefix, dtype in (("bf16", torch.bfloat16), ("16", torch.float16), ("64", torch.float64)):
+            if precision.startswith(prefix):
+                return dtype
+        return torch.float32
 
     def _find_peak_flops(self) -> float | None:
         """`peak_flops_per_device`, else Lightning's table entry for this device and compute dtype (None on

@@ -17,6 +17,7 @@ from parallel_setup import make_data, make_module
 from torch.distributed.checkpoint import FileSystemReader
 
 import ling.checkpoint.atomic as atomic
+from ling.checkpoint import CheckpointError
 from ling.checkpoint.atomic import recover_checkpoint_dir, sibling, swap_into_place
 from ling.parallel.strategy import LingParallelStrategy
 
@@ -147,7 +148,7 @@ def test_strategy_saves_atomically_in_one_process(tmp_path):
         user = tmp_path / "mine"
         user.mkdir()
         (user / "notes.txt").write_text("mine")
-        with pytest.raises(FileExistsError, match="mine is a folder holding other files"):
+        with pytest.raises(CheckpointError, match="mine is a folder holding other files"):
             trainer.save_checkpoint(user)
         assert names(user) == ["notes.txt"]
         trainer.save_checkpoint(ckpt / "last.ckpt")  # a user's save over an existing checkpoint folder

@@ -20,6 +20,7 @@ every rank raise the same `CheckpointWriteError`, naming the checkpoint and the 
 
 from __future__ import annotations
 
+import errno
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -155,7 +156,7 @@ class LingParallelStrategy(ModelParallelStrategy):
                 error = f"The checkpoint path {target} is a folder holding other files; pass a new path or remove it."
         filepath, token, error = self.broadcast((os.fspath(filepath), new_token(), error))
         if error:
-            raise FileExistsError(error)
+            raise CheckpointWriteError(filepath, errno.EEXIST, "File exists", message=error)
         target = Path(filepath)
         staged = sibling(target, "tmp", token)
         failure = None
