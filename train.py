@@ -31,9 +31,9 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from ling.checkpoint import CheckpointError  # noqa: E402
 from ling.checkpoint.atomic import is_local_path  # noqa: E402
 from ling.config import ConfigError  # noqa: E402
+from ling.data.datamodule import LingDataModule  # noqa: E402
 from ling.data.errors import DataError  # noqa: E402
-from ling.data.module import LingDataModule  # noqa: E402
-from ling.module import LingModule  # noqa: E402
+from ling.lightning_module import LingModule  # noqa: E402
 from ling.nonfinite import NonFiniteError  # noqa: E402
 from ling.schedules import check_schedule  # noqa: E402
 

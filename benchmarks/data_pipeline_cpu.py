@@ -24,11 +24,11 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from ling.data.bundled import shakespeare_documents  # noqa: E402
-from ling.data.module import LingDataModule  # noqa: E402
+from ling.data.datamodule import LingDataModule  # noqa: E402
 from ling.data.sources import SourceSpec, load_source  # noqa: E402
 from ling.data.tokenize import tokenize_source  # noqa: E402
 from ling.data.tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402
-from ling.module import LingModule  # noqa: E402
+from ling.lightning_module import LingModule  # noqa: E402
 from ling.optim import OptimizerConfig  # noqa: E402
 from ling.schedules import ScheduleConfig  # noqa: E402
 from recipes import get_recipe  # noqa: E402

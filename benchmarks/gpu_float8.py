@@ -47,9 +47,9 @@ import torch._inductor.config  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks.gpu_mini_proxy import proxy_config  # noqa: E402
-from ling.data.module import LingDataModule  # noqa: E402
+from ling.data.datamodule import LingDataModule  # noqa: E402
 from ling.flops import H100_SXM_BF16_PEAK_FLOPS, training_flops_per_token  # noqa: E402
-from ling.module import LingModule  # noqa: E402
+from ling.lightning_module import LingModule  # noqa: E402
 from ling.parallel.float8 import DENSE_RECIPES, EXPERT_RECIPES  # noqa: E402
 from ling.parallel.strategy import LingParallelStrategy  # noqa: E402
 from ling.presets import preset  # noqa: E402

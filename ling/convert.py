@@ -55,7 +55,7 @@ def _ling_entry(saved: Any, where: str) -> tuple[LingConfig, dict | None]:
     if not isinstance(ling, dict) or not isinstance(ling.get("config"), dict):
         raise CheckpointError(
             f"{where} has no 'ling' entry with the model config; it was not written by LingModule "
-            "(ling.module), so the model shape is unknown."
+            "(ling.lightning_module), so the model shape is unknown."
         )
     return LingConfig.from_hf(ling["config"]), ling.get("tokenizer")
 

@@ -3,8 +3,8 @@
 import lightning as L
 import torch
 
-from ling.data.module import LingDataModule
-from ling.module import LingModule
+from ling.data.datamodule import LingDataModule
+from ling.lightning_module import LingModule
 from ling.schedules import ScheduleConfig
 
 

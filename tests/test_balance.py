@@ -6,8 +6,8 @@ import lightning as L
 import torch
 
 from ling.balance import ExpertLoad, max_violation, update_expert_bias
-from ling.data.module import LingDataModule
-from ling.module import LingModule
+from ling.data.datamodule import LingDataModule
+from ling.lightning_module import LingModule
 
 
 def hand_rule(bias, counts, rate):

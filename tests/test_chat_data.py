@@ -17,8 +17,8 @@ from tokenizers import AddedToken, models, pre_tokenizers
 from tokenizers import Tokenizer as RawTokenizer
 
 from ling.data.chat import encode_conversations, prefix_segments
+from ling.data.datamodule import LingDataModule
 from ling.data.errors import DataError
-from ling.data.module import LingDataModule
 from ling.data.packing import document_ids, document_positions
 from ling.data.sources import SourceSpec
 from ling.data.tokenize import LOSS_MASK, TokenStream, tokenize_source

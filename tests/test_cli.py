@@ -14,9 +14,9 @@ import train
 from ling import preset
 from ling.checkpoint import load_pretrained, save_pretrained
 from ling.config import ConfigError
-from ling.data.module import LingDataModule
+from ling.data.datamodule import LingDataModule
+from ling.lightning_module import LingModule
 from ling.model import build_model
-from ling.module import LingModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

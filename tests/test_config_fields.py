@@ -163,7 +163,7 @@ def test_expert_bias_disabled_has_no_buffer_and_routes_on_plain_scores():
 
 
 def test_model_without_expert_bias_trains_casts_and_skips_bias_updates():
-    from ling.module import LingModule
+    from ling.lightning_module import LingModule
 
     module = LingModule(model="tiny", model_overrides={"moe_router_enable_expert_bias": False})
     module.configure_model()

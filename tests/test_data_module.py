@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ling.data.curriculum import Stage
+from ling.data.datamodule import LingDataModule, SourceRows, cache_files
 from ling.data.errors import DataError
-from ling.data.module import LingDataModule, SourceRows, cache_files
 from ling.data.sources import SourceSpec
 from ling.data.tokenize import TokenStream, tokenize_source
 from ling.data.tokenizer import ByteTokenizer
@@ -255,7 +255,7 @@ def test_a_far_step_draws_its_mixture_without_recursing_per_chunk():
     import sys
 
     from ling.data.curriculum import Curriculum, Stage
-    from ling.data.module import _CHUNK, MixturePlan
+    from ling.data.datamodule import _CHUNK, MixturePlan
 
     curriculum = Curriculum([Stage(name="s", mixture={"a": 0.5, "b": 0.5})], ["a", "b"], 32, 2, 4)
     far = 150

@@ -21,7 +21,7 @@ from eval.__main__ import TASKS_DIR  # noqa: E402
 from eval.tasks import task_data  # noqa: E402
 from ling.data.arithmetic import arithmetic_documents, arithmetic_problems, make_problem, split_of  # noqa: E402
 from ling.data.bundled import bundled_documents, shakespeare_documents  # noqa: E402
-from ling.data.module import LingDataModule  # noqa: E402
+from ling.data.datamodule import LingDataModule  # noqa: E402
 
 TASKS = ("ling_arithmetic_gen", "ling_arithmetic_mc", "ling_shakespeare_ppl")
 STEP = re.compile(r"^(\d)([+-])(\d)\2(\d)=(-?\d+), write (\d), (carry|borrow) (\d)$")

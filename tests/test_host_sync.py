@@ -169,7 +169,7 @@ class CountSteps(L.Callback):
         }
 
 
-# The optimizer steps through `ling.module.guarded_optimizer`, which skips a non-finite step on the device.
+# The optimizer steps through `ling.lightning_module.guarded_optimizer`, which skips a non-finite step on the device.
 OPTIMIZER_STEP_COUNTS = ("Tensor.item", "ling/nonfinite.py:guarded_step", "torch/optim/")
 EP_SPLITS = ("Tensor.tolist", *["ling/parallel/expert_parallel.py:_dispatch"] * 2)
 
@@ -278,7 +278,7 @@ def test_expert_major_order_waits_only_without_the_total():
 
 
 def test_source_rows_stay_on_the_host_when_the_batch_moves():
-    from ling.data.module import LingDataModule
+    from ling.data.datamodule import LingDataModule
 
     batch = {"input_ids": torch.zeros(1, 2, 4, dtype=torch.long), "stage": 0, "source_rows": torch.tensor([1, 1])}
     moved = LingDataModule().transfer_batch_to_device(batch, torch.device("meta"), 0)

@@ -20,9 +20,9 @@ import callbacks.lm_eval as lm_eval_callback
 from callbacks.lm_eval import LMEval
 from ling.config import ConfigError
 from ling.data.curriculum import Stage
-from ling.data.module import LingDataModule
+from ling.data.datamodule import LingDataModule
 from ling.data.tokenizer import ByteTokenizer
-from ling.module import LingModule
+from ling.lightning_module import LingModule
 from ling.schedules import ScheduleConfig
 
 ROOT = Path(__file__).resolve().parents[1]

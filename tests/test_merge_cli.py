@@ -9,8 +9,8 @@ import torch.distributed.checkpoint as dcp
 
 from ling.checkpoint import load_pretrained, save_pretrained
 from ling.convert import convert_checkpoint, open_checkpoint
+from ling.lightning_module import LingModule
 from ling.merge import main, merge_checkpoints
-from ling.module import LingModule
 from ling.wsm import MergeAccumulator, merge_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*assuming the intent is to save in a single process.*")

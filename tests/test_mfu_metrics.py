@@ -15,7 +15,7 @@ from lightning.fabric.utilities import throughput
 from lightning.pytorch.plugins.precision import HalfPrecision, Precision
 
 from ling.flops import training_flops_per_token
-from ling.module import LingModule
+from ling.lightning_module import LingModule
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_SXM = "NVIDIA H100 80GB HBM3"  # what torch.cuda.get_device_name gives for an H100 SXM

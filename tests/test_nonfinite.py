@@ -13,7 +13,7 @@ from callbacks.hf_export import HFExport
 from callbacks.sample_text import SampleText
 from ling.checkpoint.atomic import AtomicCheckpointIO
 from ling.config import ConfigError
-from ling.module import LingModule
+from ling.lightning_module import LingModule
 from ling.nonfinite import NonFiniteError, NonFinitePolicy, guarded_optimizer, rewind_step_counts
 from ling.schedules import ScheduleConfig
 

@@ -75,8 +75,8 @@ def test_pretrained_checkpoint_loads_into_the_sharded_model(tmp_path):
     """One step at lr 1e-30 (below fp32 resolution) with a frozen bias leaves the loaded weights as they are."""
     from ling import preset
     from ling.checkpoint import save_pretrained
+    from ling.lightning_module import LingModule
     from ling.model import build_model
-    from ling.module import LingModule
     from ling.optim import OptimizerConfig
 
     torch.manual_seed(5)

@@ -9,12 +9,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ling.checkpoint.atomic import AtomicCheckpointIO
 from ling.data.curriculum import Stage
-from ling.data.module import LingDataModule
+from ling.data.datamodule import LingDataModule
 from ling.data.packing import document_ids, document_positions
 from ling.data.sources import SourceSpec
+from ling.lightning_module import LingModule
 from ling.model.masks import document_causal_mask
 from ling.model.rope import rope_parameters
-from ling.module import LingModule
 from ling.schedules import ScheduleConfig
 
 

@@ -10,8 +10,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ling.checkpoint.atomic import AtomicCheckpointIO
 from ling.config import ConfigError
-from ling.data.module import LingDataModule
-from ling.module import LingModule
+from ling.data.datamodule import LingDataModule
+from ling.lightning_module import LingModule
 from ling.optim import OptimizerConfig
 from ling.schedules import ScheduleConfig
 

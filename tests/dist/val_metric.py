@@ -70,7 +70,7 @@ def hand_losses(model: torch.nn.Module, batches: list[dict], world: int = 1) -> 
 
 
 def main() -> None:
-    from ling.module import LingModule
+    from ling.lightning_module import LingModule
     from ling.parallel.strategy import LingParallelStrategy
     from tests.parallel_setup import finish
 
