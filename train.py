@@ -21,6 +21,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+# torchao skips its C++ extensions (no load failures from a build for another torch); only mxfp8 on B200 uses them.
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 import torch  # noqa: E402
@@ -73,12 +74,12 @@ class LingCLI(LightningCLI):
         """Keep this run's settings when resuming (LightningCLI would replace the model's with the
         checkpoint's without a word): LingModule compares them with the checkpoint's, refuses those that
         cannot change and logs each one that does."""
+        # A private method overridden: LightningCLI 2.6 calls it unconditionally and has no public switch.
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
-        schedule = getattr(self.model, "schedule_config", None)
-        if self.subcommand == "fit" and schedule is not None:
-            check_schedule(schedule, self.trainer.max_steps)
+        if self.subcommand == "fit":
+            check_schedule(self.model.schedule_config, self.trainer.max_steps)
 
 
 def check_ckpt_path(path: str | os.PathLike | None) -> None:
@@ -124,14 +125,13 @@ def check_ckpt_path(path: str | os.PathLike | None) -> None:
         ) from None
 
 
-def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+def main(args: list[str] | None = None) -> LightningCLI:
     return LingCLI(
         LingModule,
         LingDataModule,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
         args=args,
-        run=run,
     )
 
 

@@ -69,15 +69,12 @@ def tokenise_rows(work: Path) -> list[tuple]:
 
 def tiny_data(work: Path, steps: int) -> LingDataModule:
     """The demo's data module, with the stage budgets scaled to `steps` steps (60% / 25% / rest)."""
-    recipe = get_recipe("tiny")
-    stages = copy.deepcopy(recipe.stages)
-    per_step = recipe.global_batch * recipe.seq_len
+    data = get_recipe("tiny").data
+    stages = copy.deepcopy(data["stages"])
+    per_step = data["global_batch_size"] * data["seq_len"]
     stages[0] = dataclasses.replace(stages[0], tokens=int(steps * 0.6) * per_step)
     stages[1] = dataclasses.replace(stages[1], tokens=int(steps * 0.25) * per_step)
-    return LingDataModule(
-        sources=recipe.sources, seq_len=recipe.seq_len, micro_batch_size=recipe.micro_batch,
-        global_batch_size=recipe.global_batch, stages=stages, cache_dir=str(work / "cache-demo"),
-    )  # fmt: skip
+    return LingDataModule(**{**data, "stages": stages, "cache_dir": str(work / "cache-demo")})
 
 
 def pack_rows(work: Path, steps: int) -> list[tuple]:
@@ -85,12 +82,12 @@ def pack_rows(work: Path, steps: int) -> list[tuple]:
     data.setup("fit")
     rows = []
     for stage in range(len(data.stages)):
-        plan_steps = [s for s in range(steps) if data.curriculum.plan(s).stage == stage]
+        stage_steps = [s for s in range(steps) if data.curriculum.at(s).stage == stage]
         start = time.perf_counter()
-        tokens = sum(data.step_batch(s, 0)["input_ids"].numel() for s in plan_steps)
+        tokens = sum(data.step_batch(s, 0)["input_ids"].numel() for s in stage_steps)
         elapsed = time.perf_counter() - start
-        rows.append((data.stages[stage].name, data.curriculum.plan(plan_steps[0]).seq_len, len(plan_steps),
-                     tokens / elapsed, 1e3 * elapsed / len(plan_steps)))  # fmt: skip
+        rows.append((data.stages[stage].name, data.curriculum.at(stage_steps[0]).seq_len, len(stage_steps),
+                     tokens / elapsed, 1e3 * elapsed / len(stage_steps)))  # fmt: skip
     return rows
 
 
@@ -107,12 +104,10 @@ def demo_share(work: Path, steps: int) -> tuple[float, float, int]:
         return batch
 
     data.step_batch = timed
-    recipe = get_recipe("tiny")
+    args = get_recipe("tiny").model
     torch.manual_seed(0)
-    module = LingModule(
-        model="tiny", init_std=recipe.init_std, bias_update_rate=recipe.bias_update_rate,
-        optimizer=OptimizerConfig(lr=recipe.peak_lr), schedule=ScheduleConfig(warmup_steps=recipe.warmup_steps),
-    )  # fmt: skip
+    module = LingModule(**{**args, "optimizer": OptimizerConfig(**args["optimizer"]),
+                           "schedule": ScheduleConfig(**args["schedule"])})  # fmt: skip
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, default_root_dir=work,

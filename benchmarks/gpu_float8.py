@@ -48,7 +48,7 @@ import torch.distributed as dist  # noqa: E402
 
 from benchmarks.gpu_mini_proxy import proxy_config  # noqa: E402
 from ling.data.datamodule import LingDataModule  # noqa: E402
-from ling.flops import H100_SXM_BF16_PEAK_FLOPS, training_flops_per_token  # noqa: E402
+from ling.flops import H100_SXM_BF16_PEAK_FLOPS, device_peak_flops, mfu, training_flops_per_token  # noqa: E402
 from ling.lightning_module import LingModule  # noqa: E402
 from ling.parallel.float8 import DENSE_RECIPES, EXPERT_RECIPES  # noqa: E402
 from ling.parallel.strategy import LingParallelStrategy  # noqa: E402
@@ -97,7 +97,7 @@ def model_overrides(args, eos_id: int) -> dict:
 
 
 def parse_setting(name: str, args) -> dict:
-    """`bf16`, or `dense`, `experts` joined by `+`, into a float8 plan."""
+    """`bf16`, or `dense`, `experts` joined by `+`, into float8 settings."""
     parts = set(name.split("+"))
     if name != "bf16" and not parts <= {"dense", "experts"}:
         raise ValueError(f"unknown setting {name!r}; use bf16, or dense and experts joined by '+'")
@@ -134,7 +134,7 @@ def train(args, device: torch.device, float8: dict, steps: int) -> dict:
     if dist.is_initialized():  # the strategy's one-rank process group; the next run makes its own
         dist.destroy_process_group()
     del trainer, module, data, strategy
-    torch._dynamo.reset()  # drops the compiled blocks; runs never share (or run out of) recompilations
+    torch.compiler.reset()  # drops the compiled blocks; runs never share (or run out of) recompilations
     gc.collect()
     if on_cuda:
         torch.cuda.empty_cache()
@@ -147,13 +147,9 @@ def peak_flops(args, device: torch.device) -> tuple[float | None, str]:
         return None, "n/a on CPU"
     if args.peak_flops:
         return args.peak_flops, "from --peak-flops"
-    try:
-        from lightning.fabric.utilities.throughput import get_available_flops
-    except ImportError:
-        get_available_flops = None
-    found = get_available_flops(device, torch.bfloat16) if get_available_flops else None
+    found = device_peak_flops(device, torch.bfloat16)
     if found:
-        return float(found), "from Lightning's get_available_flops"
+        return found, "from Lightning's get_available_flops"
     return H100_SXM_BF16_PEAK_FLOPS, "the H100/H200 SXM dense bf16 peak (Lightning lists none for this device)"
 
 
@@ -212,8 +208,8 @@ def main() -> int:
         steps = args.warmup + args.steps
         run = train(args, device, float8, max(steps, args.curve_steps) if want_curves and setting == "bf16" else steps)
         tok_s = args.batch * args.seq / statistics.median(run["times"])
-        mfu = tok_s * training_flops_per_token(run["config"], args.seq) / peak if peak else None
-        results[setting] = {**run, "tok_s": tok_s, "mfu": mfu}
+        utilisation = mfu(tok_s, training_flops_per_token(run["config"], args.seq), peak) if peak else None
+        results[setting] = {**run, "tok_s": tok_s, "mfu": utilisation}
         print(f"{setting}: {tok_s:,.0f} tokens/s, loss at step {steps} {run['losses'][steps - 1]:.4f}", flush=True)
 
     curves = {}
@@ -237,14 +233,14 @@ def main() -> int:
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for setting, r in results.items():
-        plan = settings[setting]
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        float8 = settings[setting]
+        utilisation = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         memory = f"{r['peak'] / 1e9:.1f}" if r["peak"] is not None else "n/a"
         speedup = f"{r['tok_s'] / bf16['tok_s']:.2f}x" if bf16 else "n/a"
         loss = f"{final[setting]:.4f}" if setting in final else "-"
         gap = f"{(final[setting] / final['bf16'] - 1):+.2%}" if setting in final and setting != "bf16" else "-"
         print(
-            f"| {setting} | {plan['dense']} | {plan['experts']} | {r['tok_s']:,.0f} | {mfu} | {memory} | "
+            f"| {setting} | {float8['dense']} | {float8['experts']} | {r['tok_s']:,.0f} | {utilisation} | {memory} | "
             f"{speedup} | {loss} | {gap} |"
         )
     return 0

@@ -119,13 +119,9 @@ def main() -> int:
     n_params = sum(p.numel() for p in model.parameters())
     for moe in model.moe_layers():
         moe.use_loop = args.loop
-    if args.compile:
-        layers = model.model.layers
-        for i in range(len(layers)):
-            layers[i] = torch.compile(layers[i])
-        mtp = model.model.mtp_layers
-        for i in range(len(mtp)):
-            mtp[i] = torch.compile(mtp[i])
+    if args.compile:  # in place, as ling.parallel.parallelize compiles blocks (the names stay as they are)
+        for layer in [*model.model.layers, *model.model.mtp_layers]:
+            layer.compile()
 
     gen = torch.Generator(device=device).manual_seed(0)
     input_ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device, generator=gen)

@@ -46,11 +46,7 @@ def bench_config():
 
 def materialise(config) -> torch.nn.Module:
     """The model in bf16 (expert_bias fp32) without an fp32 copy on the way: meta -> empty -> random."""
-    model = build_model(config, device="meta").to(torch.bfloat16)
-    for module in model.modules():
-        if hasattr(module, "expert_bias"):
-            module.expert_bias = module.expert_bias.float()
-    model = model.to_empty(device="cpu")
+    model = build_model(config, device="cpu", dtype=torch.bfloat16, init=False)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for tensor in model.state_dict().values():
@@ -100,7 +96,7 @@ def main() -> None:
     acc_mb = sum(t.numel() * 4 for t in state.values() if t.is_floating_point()) / MB
     largest = max(t.numel() for t in state.values())
     largest_fp32_mb = largest * 4 / MB
-    chunk_mb = min(largest, wsm._CHUNK) * 4 / MB
+    chunk_mb = min(largest, wsm.CAST_CHUNK) * 4 / MB
     weights = wsm.merge_weights("1-sqrt", args.snapshots)
     rows = []
 
@@ -111,12 +107,12 @@ def main() -> None:
     reference = acc.merged()
     del acc
 
-    chunk, wsm._CHUNK = wsm._CHUNK, 1 << 62
+    chunk, wsm.CAST_CHUNK = wsm.CAST_CHUNK, 1 << 62
     try:
         perturb(state, -sum(range(args.snapshots)))  # any values: only time and memory are compared
         whole, seconds, growth, whole_adds = accumulate(state, weights)
     finally:
-        wsm._CHUNK = chunk
+        wsm.CAST_CHUNK = chunk
     rows.append((f"accumulate {args.snapshots} (whole-tensor cast)", seconds, growth,
                  f"acc {acc_mb:,.0f} + largest {largest_fp32_mb:,.0f} = {acc_mb + largest_fp32_mb:,.0f}"))  # fmt: skip
     del reference

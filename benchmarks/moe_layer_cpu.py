@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from ling.dtypes import DTYPES  # noqa: E402
 from ling.model.moe import MoE  # noqa: E402
 from ling.presets import preset  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Largest |grouped - loop| relative to max |loop| that still counts as agreement.
-TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
+# The dtypes compared, each with the largest |grouped - loop| relative to max |loop| that still counts as agreement.
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 
 
 def make_config(hidden: int, intermediate: int, experts: int):
@@ -91,7 +91,7 @@ def time_path(moe: MoE, x: torch.Tensor, g: torch.Tensor, use_loop: bool, warmup
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096], help="tokens per batch")
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--dtypes", nargs="+", choices=list(TOLERANCE), default=list(TOLERANCE))
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--intermediate", type=int, default=128, help="moe_intermediate_size")
     parser.add_argument("--experts", type=int, default=64)
@@ -131,9 +131,9 @@ def main() -> int:
 
     print()
     print(f"MoE layer fwd+bwd, median of {args.repeats} after {args.warmup} warm-up, {args.threads} threads")
-    print(f"{'tokens':>7} {'dtype':>5} {'grouped ms':>11} {'loop ms':>9} {'speed-up':>9} {'max rel diff':>13}")
+    print(f"{'tokens':>7} {'dtype':>8} {'grouped ms':>11} {'loop ms':>9} {'speed-up':>9} {'max rel diff':>13}")
     for tokens, dtype_name, grouped, loop, speedup, worst in rows:
-        print(f"{tokens:>7} {dtype_name:>5} {grouped:>11.1f} {loop:>9.1f} {speedup:>8.2f}x {worst:>13.1e}")
+        print(f"{tokens:>7} {dtype_name:>8} {grouped:>11.1f} {loop:>9.1f} {speedup:>8.2f}x {worst:>13.1e}")
     if failures:
         print(f"grouped and loop paths disagree for {failures}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ling.balance import max_violation
 from ling.config import ConfigError
+from ling.lightning_module import LingModule
 from ling.model.dtensor import full
 
 
@@ -63,20 +64,19 @@ class ExpertLoadHeatmap(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
         self._seen = None
-        layers = getattr(pl_module, "moe_layer_names", None)
-        model = getattr(pl_module, "model", None)
-        self._enabled = bool(layers) and hasattr(model, "moe_layers")
+        # The counts come from LingModule's expert-bias update; another LightningModule has none to show.
+        self._enabled = isinstance(pl_module, LingModule) and bool(pl_module.moe_layer_names)
         if not self._enabled:
             rank_zero_warn("ExpertLoadHeatmap: the model has no MoE layers; it writes no expert-load figures.")
             return
-        self._layers = list(layers)
+        self._layers = list(pl_module.moe_layer_names)
         if self.dirpath is None:  # trainer.log_dir is a collective call under several ranks: all ranks ask
             self.dirpath = os.path.join(trainer.log_dir or trainer.default_root_dir, "expert_load")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._enabled:
             return
-        counts = getattr(pl_module, "last_expert_counts", None)
+        counts = pl_module.last_expert_counts
         step = trainer.global_step
         if counts is not None and counts is not self._seen:  # a new step's counts (not a stale one)
             self._seen = counts
@@ -98,8 +98,8 @@ class ExpertLoadHeatmap(L.Callback):
     def _biases(self, pl_module, experts: int) -> np.ndarray:
         rows = []
         for moe in pl_module.model.moe_layers():
-            bias = getattr(moe.gate, "expert_bias", None)
-            if bias is None:
+            bias = moe.gate.expert_bias
+            if bias is None:  # moe_router_enable_expert_bias: false
                 rows.append(np.full(experts, np.nan))
                 continue
             bias = bias.detach()

@@ -10,10 +10,17 @@ import lightning as L
 
 from callbacks.stages import secure_fit_end
 from ling.checkpoint import save_pretrained
-from ling.checkpoint.export import EXPORT_DTYPES, export_dtype
 from ling.config import ConfigError, check_rope_scaling
+from ling.data.datamodule import LingDataModule
+from ling.dtypes import FLOAT8_DTYPES, dtype_named
 from ling.model.dtensor import is_sharded
 from ling.nonfinite import NonFiniteError, weights_finite
+
+
+def ling_data(trainer: L.Trainer) -> LingDataModule | None:
+    """The trainer's LingDataModule (whose tokenizer an export writes); None with another data module or none."""
+    datamodule = trainer.datamodule
+    return datamodule if isinstance(datamodule, LingDataModule) else None
 
 
 class HFExport(L.Callback):
@@ -25,8 +32,8 @@ class HFExport(L.Callback):
         rope_scaling: dict | None = None,
         remote_code: str | None = None,
     ):
-        """dirpath: output folder (default: `<log dir>/hf`); dtype: bf16, fp16, fp32 or fp8 (also
-        spelled bfloat16, float16, float32; default: the weights' own); rope_scaling: written into the
+        """dirpath: output folder (default: `<log dir>/hf`); dtype: float32, bfloat16, float16 or
+        float8_e4m3fn (128x128 blockwise float8; default: the weights' own); rope_scaling: written into the
         exported config, e.g. YaRN to serve a longer context than trained (Ling's 128K is YaRN factor 4
         on its 32K training context); remote_code: a local folder with the BailingMoeV2 code files,
         copied in so the folder loads offline with `trust_remote_code=True`.
@@ -34,15 +41,14 @@ class HFExport(L.Callback):
         The folder also holds the data module's tokenizer and a generation_config.json, and its
         config.json carries that tokenizer's token ids. A sharded model is written without gathering
         it on one host: one group of tensors is gathered at a time and rank 0 writes."""
-        if dtype is not None and dtype not in EXPORT_DTYPES:
-            raise ConfigError(f"HFExport dtype={dtype!r} is not one of {', '.join(EXPORT_DTYPES)} (or null).")
+        self.dtype = dtype_named(dtype, "HFExport dtype", FLOAT8_DTYPES)
         if remote_code is not None and not Path(remote_code).is_dir():
             raise ConfigError(f"HFExport remote_code={remote_code!r} is not a folder.")
         try:  # checked at startup, not when the export at fit end writes it
             check_rope_scaling(rope_scaling)
         except ConfigError as err:
             raise ConfigError(f"HFExport {err}") from None
-        self.dirpath, self.dtype, self.max_shard_size = dirpath, dtype, max_shard_size
+        self.dirpath, self.max_shard_size = dirpath, max_shard_size
         self.rope_scaling, self.remote_code = rope_scaling, remote_code
         self.saved_to: Path | None = None
 
@@ -60,8 +66,9 @@ class HFExport(L.Callback):
             config = model.config
             if self.rope_scaling is not None:
                 config = config.replace(rope_scaling=dict(self.rope_scaling))
-            tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
-            save_pretrained(model, folder, self.max_shard_size, export_dtype(self.dtype), config=config,
+            data = ling_data(trainer)
+            tokenizer = None if data is None else data.tokenizer
+            save_pretrained(model, folder, self.max_shard_size, self.dtype, config=config,
                             tokenizer=tokenizer, remote_code=self.remote_code)  # fmt: skip
             if trainer.is_global_zero:
                 self.saved_to = folder

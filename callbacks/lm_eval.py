@@ -24,7 +24,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from torch.distributed.fsdp import FSDPModule
 
+from callbacks.hf_export import ling_data
 from callbacks.stages import check_nonfinite, secure_fit_end, stage_changes_with, stage_ends_at
 from ling.checkpoint.hf import write_atomic
 from ling.config import ConfigError
@@ -115,8 +117,8 @@ class LMEval(L.Callback):
                     f"LMEval task {task!r} is not in {', '.join(self.include_path)}; "
                     f"known tasks: {', '.join(sorted(known)) or 'none'}."
                 )
-        if getattr(getattr(trainer, "datamodule", None), "tokenizer", None) is None:
-            raise ConfigError("LMEval needs a data module with a `tokenizer` (LingDataModule has one).")
+        if ling_data(trainer) is None:
+            raise ConfigError("LMEval needs a LingDataModule, whose tokenizer the evaluation uses.")
         if self.output_dir is None:  # trainer.log_dir is a collective call: every rank is here
             self.output_dir = Path(trainer.log_dir or trainer.default_root_dir) / "lm_eval"
 
@@ -271,8 +273,11 @@ class _TrainingState:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
-        from torch.distributed.fsdp import FSDPModule
+        reshard(self.model)
 
-        for module in self.model.modules():  # free the gathered weights the forward passes left
-            if isinstance(module, FSDPModule):
-                module.reshard()
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the weights that an evaluation's forward passes left gathered (FSDP2 modules)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -6,35 +6,38 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from ling.data.curriculum import Curriculum
+from ling.data.datamodule import LingDataModule
+from ling.lightning_module import LingModule
 
-def curriculum(trainer: L.Trainer):
-    """The data module's curriculum (None when the run has none, e.g. a plain data module)."""
-    found = getattr(getattr(trainer, "datamodule", None), "curriculum", None)
-    return found if hasattr(found, "plan") else None
+
+def curriculum(trainer: L.Trainer) -> Curriculum | None:
+    """The data module's curriculum (None when the run has none, e.g. another data module)."""
+    datamodule = trainer.datamodule
+    return datamodule.curriculum if isinstance(datamodule, LingDataModule) else None
 
 
 def stage_ends_at(trainer: L.Trainer, step: int) -> bool:
     """Whether optimizer step `step` (counted from 1), just taken, was the last of its curriculum stage."""
     found = curriculum(trainer)
-    return found is not None and step >= 1 and found.plan(step).stage != found.plan(step - 1).stage
+    return found is not None and step >= 1 and found.at(step).stage != found.at(step - 1).stage
 
 
 def stage_changes_with(trainer: L.Trainer, pl_module: L.LightningModule, batch) -> bool:
     """At batch start, without a curriculum to look ahead in: whether this batch belongs to another stage
     than the module's, i.e. the previous stage has just ended (the weights are still that stage's here;
     the module enters the new stage in its step)."""
-    if curriculum(trainer) is not None or not isinstance(batch, dict):
+    if curriculum(trainer) is not None or not isinstance(batch, dict) or not isinstance(pl_module, LingModule):
         return False
-    current = getattr(pl_module, "stage", None)
+    current = pl_module.stage
     return current is not None and batch.get("stage", current) != current
 
 
 def check_nonfinite(pl_module: L.LightningModule) -> None:
     """Let the module stop the run on non-finite steps (`LingModule.check_nonfinite`; one host read)
     before a callback uses or writes its weights."""
-    check = getattr(pl_module, "check_nonfinite", None)
-    if callable(check):
-        check()
+    if isinstance(pl_module, LingModule):
+        pl_module.check_nonfinite()
 
 
 def secure_fit_end(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -45,6 +48,6 @@ def secure_fit_end(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
     evaluation or sample that fails cannot lose the checkpoint (it writes only once). First the module
     may stop the run on non-finite steps, so that nothing is written or exported after them."""
     check_nonfinite(pl_module)
-    for callback in getattr(trainer, "checkpoint_callbacks", ()):
+    for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint):
             callback.on_train_end(trainer, pl_module)

@@ -40,10 +40,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from callbacks.hf_export import ling_data
+from callbacks.lm_eval import LMEval, reshard, score_table
 from callbacks.stages import check_nonfinite, secure_fit_end, stage_changes_with, stage_ends_at
 from ling.checkpoint import save_pretrained
-from ling.checkpoint.export import EXPORT_DTYPES, export_dtype
 from ling.config import ConfigError
+from ling.dtypes import FLOAT8_DTYPES, dtype_named
 from ling.merge import write_weights_checkpoint
 from ling.model import IGNORE_INDEX
 from ling.model.dtensor import is_sharded, local
@@ -87,7 +89,8 @@ class WSM(L.Callback):
             save_hf: write each merged model as a Hugging Face folder.
             save_checkpoint: also write it as a single-file LingModule checkpoint (one process only:
                 a sharded model would have to be gathered on one host, so it is skipped there).
-            dtype: the Hugging Face export dtype (bf16, fp16, fp32, fp8; default: the weights' own).
+            dtype: the Hugging Face export dtype (float32, bfloat16, float16 or float8_e4m3fn; default:
+                the weights' own).
             dirpath: output folder (default: `<log dir>/wsm`).
         """
         if not _is_int(interval) or interval < 1:
@@ -98,8 +101,7 @@ class WSM(L.Callback):
             raise ConfigError(f"WSM start_step={start_step!r} must be 0 or more, or null.")
         if val_batches is not None and (not _is_int(val_batches) or val_batches < 1):
             raise ConfigError(f"WSM val_batches={val_batches!r} must be a positive number of batches or null.")
-        if dtype is not None and dtype not in EXPORT_DTYPES:
-            raise ConfigError(f"WSM dtype={dtype!r} is not one of {', '.join(EXPORT_DTYPES)} (or null).")
+        torch_dtype = dtype_named(dtype, "WSM dtype", FLOAT8_DTYPES)
         if shape is None and weights is None:
             shape = "1-sqrt"
         self.interval, self.count, self.shape, self.alpha = interval, count, shape, alpha
@@ -107,7 +109,7 @@ class WSM(L.Callback):
         self.weights = [float(w) for w in merge_weights(shape, count, alpha=alpha, weights=weights)]
         self.start_step, self.at_stage_end, self.at_fit_end = start_step, at_stage_end, at_fit_end
         self.evaluate, self.val_batches = evaluate, val_batches
-        self.save_hf, self.save_checkpoint, self.dtype = save_hf, save_checkpoint, dtype
+        self.save_hf, self.save_checkpoint, self.dtype = save_hf, save_checkpoint, torch_dtype
         self.dirpath = Path(dirpath) if dirpath else None
         self.window_start: int | None = None  # the step the current window counts from
         self.taken: list[int] = []  # the steps of the snapshots in the accumulator
@@ -125,8 +127,7 @@ class WSM(L.Callback):
     def _first_window(self, pl_module: L.LightningModule) -> int:
         if self.start_step is not None:
             return self.start_step
-        schedule = getattr(pl_module, "schedule_config", None)
-        return int(getattr(schedule, "warmup_steps", 0) or 0)
+        return pl_module.schedule_config.warmup_steps
 
     # ---- when -----------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -264,7 +265,7 @@ class WSM(L.Callback):
                     if self.val_batches is not None and i >= self.val_batches:
                         break
                     batch = trainer.strategy.batch_to_device(batch, pl_module.device)
-                    out = pl_module(batch["input_ids"], batch["labels"], **pl_module._isolation(batch))
+                    out = pl_module(batch["input_ids"], batch["labels"], **pl_module.isolation(batch))
                     tokens = (batch["labels"] != IGNORE_INDEX).sum().double()
                     total += torch.stack([out.main_loss.double() * tokens, tokens.to(total.device)])
         finally:
@@ -273,14 +274,12 @@ class WSM(L.Callback):
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
-            _reshard(model)
+            reshard(model)
         if trainer.world_size > 1:
             torch.distributed.all_reduce(total)
         return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
     def _lm_eval(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from callbacks.lm_eval import LMEval, score_table
-
         for callback in trainer.callbacks:
             if isinstance(callback, LMEval):
                 metrics = callback.evaluate(trainer, pl_module, prefix="wsm/eval")
@@ -291,8 +290,8 @@ class WSM(L.Callback):
     def _save_hf(self, trainer: L.Trainer, model: torch.nn.Module, step: int) -> Path:
         folder = self.dirpath / f"step={step}-hf"
         if _sharded(model) or trainer.is_global_zero:  # a sharded model needs every rank for its gathers
-            tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
-            save_pretrained(model, folder, dtype=export_dtype(self.dtype), tokenizer=tokenizer)
+            data = ling_data(trainer)
+            save_pretrained(model, folder, dtype=self.dtype, tokenizer=None if data is None else data.tokenizer)
         trainer.strategy.barrier()
         return folder
 
@@ -304,11 +303,12 @@ class WSM(L.Callback):
                 "use the Hugging Face folder instead."
             )
             return
-        tokenizer_spec = getattr(getattr(trainer, "datamodule", None), "tokenizer_spec", None)
+        data = ling_data(trainer)
         state = {name: t.detach().clone() for name, t in model.state_dict().items()}
         path = write_weights_checkpoint(
-            self.dirpath / f"step={step}.ckpt", state, model.config, tokens_seen=getattr(pl_module, "tokens_seen", 0),
-            tokenizer=tokenizer_spec, global_step=step, wsm={k: v for k, v in record.items() if k != "hf"},
+            self.dirpath / f"step={step}.ckpt", state, model.config, tokens_seen=pl_module.tokens_seen,
+            tokenizer=None if data is None else data.tokenizer_spec, global_step=step,
+            wsm={k: v for k, v in record.items() if k != "hf"},
         )  # fmt: skip
         record["checkpoint"] = os.fspath(path)
 
@@ -377,11 +377,3 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _sharded(model: torch.nn.Module) -> bool:
     return any(is_sharded(p) for p in model.parameters())
-
-
-def _reshard(model: torch.nn.Module) -> None:
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():  # free the gathered weights the forward passes left
-        if isinstance(module, FSDPModule):
-            module.reshard()

@@ -49,7 +49,7 @@ def _effective(args: argparse.Namespace) -> dict[str, Any]:
     from lm_eval.config.evaluate_config import EvaluatorConfig
 
     settings: dict[str, Any] = {}
-    if getattr(args, "config", None):
+    if args.config:
         if not Path(args.config).is_file():
             raise UsageError(f"--config {args.config!r} does not exist; pass a YAML file of run settings.")
         settings.update(EvaluatorConfig.load_yaml_config(args.config))
@@ -149,6 +149,7 @@ def default_device() -> str:
 def main(argv: list[str] | None = None) -> int:
     # lm-eval's own entry point (`lm_eval.__main__.cli_evaluate`) is setup_logging + HarnessCLI's
     # parse_args + execute; the same three calls here, with the parsed arguments checked in between.
+    # lm-eval exports HarnessCLI only from its `_cli` package: it has no public way to check them first.
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 

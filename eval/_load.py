@@ -10,18 +10,14 @@ from typing import Any
 
 import torch
 
-from ling.config import LingConfig
+from ling.checkpoint.companions import TOKENIZER_FILES
+from ling.config import ConfigError, LingConfig
 from ling.data.errors import DataError
 from ling.data.tokenizer import Tokenizer, load_tokenizer
+from ling.dtypes import DTYPES, dtype_named
 
-DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-# What makes a folder a tokenizer folder for `load_tokenizer` (the files any save_pretrained writes).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# `dtype=auto` keeps the dtype the checkpoint holds; the others are `ling.dtypes.DTYPES`.
+EVAL_DTYPES: dict[str, torch.dtype | None] = {"auto": None, **DTYPES}
 TOKENIZER_HINT = "pass tokenizer= ('byte', a tokenizer folder or a tokenizer.json file)"
 
 
@@ -33,9 +29,10 @@ def torch_dtype(dtype: Any) -> torch.dtype | None:
     """The torch dtype for `dtype` ("auto" -> None, which keeps the checkpoint's own dtype)."""
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise EvalError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+    try:
+        return dtype_named(dtype, "dtype", EVAL_DTYPES, optional=False)
+    except ConfigError as err:
+        raise EvalError(str(err)) from None
 
 
 def parse_device(device: Any) -> torch.device:
@@ -125,23 +122,18 @@ def load(resolved: Pretrained, dtype: torch.dtype | None, device: torch.device) 
 
 @torch.no_grad()
 def _load_lightning(resolved: Pretrained, dtype: torch.dtype | None, device: torch.device) -> torch.nn.Module:
-    """Build on the meta device, materialise on `device`, then copy the tensors a group at a time."""
+    """Build the model in `dtype` on `device` without initialising it, then copy the tensors in groups."""
     from ling.checkpoint.export import READ_BYTES, read_groups
-    from ling.convert import check_tensors, expected_shapes
-    from ling.model.model import LingForCausalLM
+    from ling.convert import check_source
+    from ling.model.model import build_model
 
-    source, config = resolved.source, resolved.config
-    expected = expected_shapes(config)
-    check_tensors(source, expected, repr(os.fspath(resolved.path)))
+    source = resolved.source
+    check_source(source, repr(os.fspath(resolved.path)))
     if dtype is None:  # "auto": the dtype the run saved its weights in
         dtype = source.shapes["lm_head.weight"][1]
-    with torch.device("meta"):
-        model = LingForCausalLM(config)
-    model = model.to(dtype).to_empty(device=device)  # the router's expert_bias stays fp32
+    model = build_model(resolved.config, device, dtype, init=False)  # the router's expert_bias stays fp32
     targets = model.state_dict()
-    source.shapes = {name: source.shapes[name] for name in expected}  # the model's order
     for group in read_groups(source, READ_BYTES):
         for name, tensor in source.read(group).items():
             targets[name].copy_(tensor)
-    model.model.rotary_emb.reset_parameters()  # non-persistent buffers are in no checkpoint
     return model

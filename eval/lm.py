@@ -27,7 +27,7 @@ from tqdm import tqdm
 from eval._generate import first_stop, generate_rows
 from eval._load import EvalError, check_vocab, parse_device, resolve, tokenizer_for, torch_dtype
 from eval._load import load as load_weights
-from ling.data.tokenizer import Tokenizer, load_tokenizer
+from ling.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, special_token_ids
 
 __all__ = ["EvalError", "LingLM", "MODEL_ARGS"]
 
@@ -183,7 +183,7 @@ class LingLM(TemplateLM):
 
     @property
     def bos_token_id(self) -> int | None:
-        return getattr(self.tokenizer, "bos_token_id", None)
+        return special_token_ids(self.tokenizer)["bos_token_id"]
 
     @property
     def prefix_token_id(self) -> int:
@@ -230,9 +230,8 @@ class LingLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        name = str(getattr(self.tokenizer, "name", type(self.tokenizer).__name__)).replace("/", "__")
-        fingerprint = getattr(self.tokenizer, "fingerprint", None)
-        return f"{name}-{fingerprint()[:16]}" if fingerprint is not None else name
+        name = str(self.tokenizer.name).replace("/", "__")
+        return f"{name}-{self.tokenizer.fingerprint()[:16]}"
 
     def get_model_info(self) -> dict:
         first = next(self._model.parameters())
@@ -416,10 +415,8 @@ class LingLM(TemplateLM):
     def _hf_tokenizer(self):
         """The Hugging Face form of the tokenizer (for its chat template), None if it has none."""
         if self._hf_chat is None:
-            hf = getattr(self.tokenizer, "hf_tokenizer", None)
-            if hf is None and hasattr(self.tokenizer, "to_hf"):
-                hf = self.tokenizer.to_hf()
-            self._hf_chat = hf if hf is not None else False
+            ling = isinstance(self.tokenizer, (ByteTokenizer, HFTokenizer))
+            self._hf_chat = self.tokenizer.to_hf() if ling else False
         return self._hf_chat or None
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
@@ -427,7 +424,7 @@ class LingLM(TemplateLM):
         if chat_template is False or chat_template is None:
             return None
         hf = self._hf_tokenizer()
-        template = getattr(hf, "chat_template", None) if hf is not None else None
+        template = hf.chat_template if hf is not None else None
         if isinstance(template, dict):
             name = chat_template if isinstance(chat_template, str) else "default"
             if name not in template:
@@ -445,7 +442,7 @@ class LingLM(TemplateLM):
             return self.tokenizer.apply_chat_template(chat_history)
         if not hf.chat_template:
             raise EvalError(
-                f"tokenizer {getattr(self.tokenizer, 'name', '')!r} has no chat template, so apply_chat_template "
+                f"tokenizer {self.tokenizer.name!r} has no chat template, so apply_chat_template "
                 "cannot be used; evaluate without it or use a tokenizer that defines one."
             )
         return hf.apply_chat_template(

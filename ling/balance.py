@@ -1,4 +1,4 @@
-"""Aux-loss-free expert balancing (Ling 2.0 / DeepSeek-V3) and the expert-load figures.
+"""Aux-loss-free expert balancing (Ling 2.0 / DeepSeek-V3) and the expert-load measure.
 
 Each MoE layer keeps a bias that only steers expert selection. Once per optimizer step, with the
 token counts of that step summed over every micro-batch and every data-parallel rank:
@@ -37,9 +37,9 @@ class ExpertLoad:
         counts = tokens_per_expert.detach().to(torch.int64)
         self.counts = counts if self.counts is None else self.counts + counts
 
-    def reduce(self, group: dist.ProcessGroup | None = None) -> torch.Tensor | None:
-        """The step's counts summed over the data-parallel group (one all-reduce), then cleared."""
+    def reduce(self) -> torch.Tensor | None:
+        """The step's counts summed over all ranks (one all-reduce), then cleared."""
         counts, self.counts = self.counts, None
         if counts is not None and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         return counts

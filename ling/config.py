@@ -17,8 +17,9 @@ from typing import Any
 MODEL_TYPES = ("bailing_moe", "bailing_moe_v2")
 ARCHITECTURE = "BailingMoeV2ForCausalLM"
 ROPE_TYPES = ("default", "yarn")
-# Megatron's `--moe-router-dtype` choices under both spellings; the router never runs in bf16.
-ROUTER_DTYPES = ("fp32", "float32", "fp64", "float64")
+# config.json's `router_dtype` (released configs say "fp32", Megatron's `--moe-router-dtype` spelling;
+# torch's names are accepted too) -> the torch dtype the router computes in. Never bf16.
+ROUTER_DTYPES = {"fp32": "float32", "float32": "float32", "fp64": "float64", "float64": "float64"}
 YARN_KEYS = {
     "type",
     "rope_type",
@@ -31,6 +32,24 @@ YARN_KEYS = {
     "mscale_all_dim",
     "truncate",
 }
+
+
+# The fields that decide the parameters' shapes, each with the least value it may take (null is allowed
+# where the field's type says so). A checkpoint's weights fit only a model with the same values, so
+# `ling.resume` refuses to change any of them when resuming.
+SHAPE_FIELDS = {
+    "vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "moe_intermediate_size": 1,
+    "moe_shared_expert_intermediate_size": 0, "num_hidden_layers": 1, "num_attention_heads": 1,
+    "num_key_value_heads": 1, "head_dim": 1, "num_experts": 1, "num_shared_experts": 0,
+    "first_k_dense_replace": 0, "num_nextn_predict_layers": 0,
+}  # fmt: skip
+# The other fields that must be positive integers.
+POSITIVE_COUNTS = ("num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings")
+# Fields that `LingConfig.to_hf` leaves out at these values (the released configs do not have them).
+OMITTED_FROM_HF = {
+    "partial_rotary_factor": None, "rotary_dim": None, "moe_shared_expert_intermediate_size": None,
+    "router_z_loss_coeff": 0.0, "seq_aux_loss_coeff": 0.0,
+}  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -174,7 +193,13 @@ class LingConfig:
 
     @property
     def context_length(self) -> int:
-        """Longest sequence the rope settings support: YaRN extends the original window by its factor."""
+        """How many positions this model reaches, the one rule for training, generation and evaluation:
+        max_position_embeddings, or with YaRN its factor times the window it extends
+        (original_max_position_embeddings, by default max_position_embeddings) where that is longer.
+
+        YaRN slows only the rotations that would not complete within the original window, so it never
+        takes away a position the unscaled rope reaches. For a curriculum stage's rope, ask
+        `config.replace(rope_theta=..., rope_scaling=...).context_length`."""
         if self.rope_type == "yarn":
             original = self.rope_scaling.get("original_max_position_embeddings", self.max_position_embeddings)
             return max(self.max_position_embeddings, int(original * self.rope_scaling["factor"]))
@@ -188,15 +213,13 @@ class LingConfig:
 
     # ---- validation -----------------------------------------------------------------------
     def validate(self) -> None:
-        positive = (
-            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "num_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
-        )  # fmt: skip
-        for name in positive:
+        for name, least in {**SHAPE_FIELDS, **dict.fromkeys(POSITIVE_COUNTS, 1)}.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name}={value!r} must be a positive integer.")
+            if value is None and name == "moe_shared_expert_intermediate_size":
+                continue  # null: moe_intermediate_size x num_shared_experts
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                what = "a positive integer" if least else "0 or a positive integer"
+                raise ConfigError(f"{name}={value!r} must be {what}.")
         if self.model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type={self.model_type!r} is not a Ling 2.0 model; expected one of {MODEL_TYPES}.")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -240,10 +263,6 @@ class LingConfig:
         if self.tie_word_embeddings:
             raise ConfigError("tie_word_embeddings must be false: Ling 2.0 has an untied output head.")
         self._validate_switches()
-        if self.num_nextn_predict_layers < 0:
-            raise ConfigError(f"num_nextn_predict_layers={self.num_nextn_predict_layers} must be 0 or more.")
-        if self.num_shared_experts < 0:
-            raise ConfigError(f"num_shared_experts={self.num_shared_experts} must be 0 or more.")
         for name in ("pad_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is None:
@@ -252,7 +271,7 @@ class LingConfig:
             if not tokens or not all(_is_id(t) and t < self.vocab_size for t in tokens):
                 what = "a token id or a non-empty list of them" if name == "eos_token_id" else "a token id"
                 raise ConfigError(f"{name}={value!r} must be {what} within the vocabulary 0..{self.vocab_size - 1}.")
-        self._validate_rope_scaling()
+        check_rope_scaling(self.rope_scaling)
 
     def _validate_switches(self) -> None:
         """The on/off and dtype fields the model honours, and the ones it cannot honour."""
@@ -263,9 +282,10 @@ class LingConfig:
             raise ConfigError(
                 "use_rmsnorm=False is not supported; every Ling 2.0 norm is an RMSNorm, so set it to true."
             )
-        if self.router_dtype not in ROUTER_DTYPES:
+        if not isinstance(self.router_dtype, str) or self.router_dtype not in ROUTER_DTYPES:
             raise ConfigError(
-                f"router_dtype={self.router_dtype!r} is not supported; the router computes in one of {ROUTER_DTYPES}."
+                f"router_dtype={self.router_dtype!r} is not supported; the router computes in one of "
+                f"{', '.join(ROUTER_DTYPES)}."
             )
         for name in ("embedding_dropout", "attention_dropout", "output_dropout"):
             value = getattr(self, name)
@@ -278,9 +298,6 @@ class LingConfig:
                     f"{name}={getattr(self, name)!r} is not supported; the Ling 2.0 model applies no such dropout, "
                     "so set it to 0.0 (attention_dropout is honoured)."
                 )
-
-    def _validate_rope_scaling(self) -> None:
-        check_rope_scaling(self.rope_scaling)
 
     # ---- Hugging Face config.json ---------------------------------------------------------
     @classmethod
@@ -309,12 +326,7 @@ class LingConfig:
             if f.name == "extra":
                 continue
             value = getattr(self, f.name)
-            if (
-                f.name in ("partial_rotary_factor", "rotary_dim", "moe_shared_expert_intermediate_size")
-                and value is None
-            ):
-                continue
-            if f.name in ("router_z_loss_coeff", "seq_aux_loss_coeff") and value == 0.0:
+            if f.name in OMITTED_FROM_HF and value == OMITTED_FROM_HF[f.name]:
                 continue
             out[f.name] = value
         out.update({k: v for k, v in self.extra.items() if k not in out and k != "quantization_config"})
@@ -332,11 +344,6 @@ class LingConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{os.fspath(path)!r} must hold a JSON object, not {type(data).__name__}.")
         return cls.from_hf(data)
-
-    def to_json_file(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_hf(), fh, indent=2, sort_keys=True)
-            fh.write("\n")
 
     def replace(self, **changes: Any) -> LingConfig:
         check_fields(changes)

@@ -2,41 +2,45 @@
 
 Reads either a single `.ckpt` file or a sharded (DCP) checkpoint folder as written by
 `ModelParallelStrategy(save_distributed_checkpoint=True)`, takes the model config that `LingModule`
-stores under `checkpoint["ling"]["config"]`, and writes the released HF layout in bf16, fp16, fp32
-or blockwise fp8. Tensors are read a group at a time, so a checkpoint larger than memory converts.
+stores under `checkpoint["ling"]["config"]`, and writes the released HF layout in bfloat16, float16,
+float32 or 128x128 blockwise float8_e4m3fn. Tensors are read a group at a time, so a checkpoint larger
+than memory converts.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ling.checkpoint.export import EXPORT_DTYPES, READ_BYTES, TensorSource, export_dtype, export_hf
+from ling.checkpoint.export import READ_BYTES, TensorSource, export_hf
 from ling.checkpoint.hf import CheckpointError
 from ling.config import ConfigError, LingConfig
-from ling.model.model import LingForCausalLM
+from ling.dtypes import FLOAT8_DTYPES, dtype_named
+from ling.model.model import build_model
+
+if TYPE_CHECKING:
+    from ling.data.tokenizer import Tokenizer
 
 META_NAME = "meta.pt"  # Lightning's file for the non-tensor state beside the DCP shards
 MODULE_PREFIX = "model."  # LingModule holds the LingForCausalLM as `self.model`
 DCP_PREFIX = "state_dict."  # Lightning saves {"state_dict": ..., "optimizer_0": ...} with DCP
-# Wrapper modules (torch.compile, activation checkpointing, FSDP1) insert these into parameter names.
-_WRAPPERS = re.compile(r"(?:_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
 
 
 # ---- sources -------------------------------------------------------------------------------------
 def _internal_name(key: str) -> str | None:
-    """`model.model.layers.0...` (LightningModule key) -> `model.layers.0...`; None for non-model keys."""
-    key = _WRAPPERS.sub("", key)
+    """`model.model.layers.0...` (LightningModule key) -> `model.layers.0...`; None for non-model keys.
+
+    The saved keys are the model's own names: blocks are compiled in place, and activation checkpointing
+    and FSDP2 keep the names."""
     return key.removeprefix(MODULE_PREFIX) if key.startswith(MODULE_PREFIX) else None
 
 
@@ -49,23 +53,33 @@ def _torch_load(path: Path, what: str) -> Any:
         raise CheckpointError(f"{what} {os.fspath(path)!r} is not a readable torch checkpoint ({reason}).") from None
 
 
-def _ling_entry(saved: Any, where: str) -> tuple[LingConfig, dict | None]:
-    """The model config LingModule stores in its checkpoints, and the tokenizer the run used (if recorded)."""
+def _ling_entry(saved: Any, where: str) -> dict[str, Any]:
+    """The `ling` entry LingModule stores in its checkpoints: the model config, the tokenizer the run
+    used (if recorded), tokens_seen, ..."""
     ling = saved.get("ling") if isinstance(saved, dict) else None
     if not isinstance(ling, dict) or not isinstance(ling.get("config"), dict):
         raise CheckpointError(
             f"{where} has no 'ling' entry with the model config; it was not written by LingModule "
             "(ling.lightning_module), so the model shape is unknown."
         )
-    return LingConfig.from_hf(ling["config"]), ling.get("tokenizer")
+    return ling
 
 
-class _FileSource(TensorSource):
+class _LightningSource(TensorSource):
+    """A checkpoint written by LingModule: its model config and tokenizer come from its `ling` entry."""
+
+    def _read_ling_entry(self, saved: Any, where: str) -> None:
+        self.ling_entry = _ling_entry(saved, where)
+        self.config = LingConfig.from_hf(self.ling_entry["config"])
+        self.tokenizer = self.ling_entry.get("tokenizer")
+
+
+class _FileSource(_LightningSource):
     def __init__(self, path: Path):
         checkpoint = _torch_load(path, "checkpoint file")
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise CheckpointError(f"{os.fspath(path)!r} has no 'state_dict'; it is not a Lightning checkpoint.")
-        self.config, self.tokenizer = _ling_entry(checkpoint, repr(os.fspath(path)))
+        self._read_ling_entry(checkpoint, repr(os.fspath(path)))
         self.tensors: dict[str, torch.Tensor] = {}
         for key, value in checkpoint["state_dict"].items():
             name = _internal_name(key)
@@ -77,7 +91,7 @@ class _FileSource(TensorSource):
         return {name: self.tensors[name] for name in names}
 
 
-class _DcpSource(TensorSource):
+class _DcpSource(_LightningSource):
     def __init__(self, folder: Path):
         if not (folder / ".metadata").is_file():
             hint = " (it looks like a Hugging Face folder already)" if (folder / "config.json").is_file() else ""
@@ -91,7 +105,7 @@ class _DcpSource(TensorSource):
                 "shards), so the model config is unknown."
             )
         meta = _torch_load(folder / META_NAME, "file")
-        self.config, self.tokenizer = _ling_entry(meta, repr(os.fspath(folder / META_NAME)))
+        self._read_ling_entry(meta, repr(os.fspath(folder / META_NAME)))
         self.reader = dcp.FileSystemReader(folder)
         try:
             metadata = self.reader.read_metadata()
@@ -127,14 +141,10 @@ def open_checkpoint(path: Path) -> TensorSource:
 
 
 # ---- conversion ----------------------------------------------------------------------------------
-def expected_shapes(config: LingConfig) -> dict[str, torch.Size]:
-    """Every tensor of the model the config describes, in the model's (= the HF export's) order."""
-    with torch.device("meta"):
-        model = LingForCausalLM(config)
-    return {name: tensor.shape for name, tensor in model.state_dict().items()}
-
-
-def check_tensors(source: TensorSource, expected: dict[str, torch.Size], where: str) -> None:
+def check_source(source: TensorSource, where: str) -> None:
+    """Refuse a source whose tensors are not exactly those of the model its config describes, and put
+    `source.shapes` in the model's (= the HF export's) order."""
+    expected = {name: t.shape for name, t in build_model(source.config, device="meta").state_dict().items()}
     for name, shape in expected.items():
         if name not in source.shapes:
             raise CheckpointError(f"{where} has no tensor for {name!r}, which the model config stored in it needs.")
@@ -149,12 +159,13 @@ def check_tensors(source: TensorSource, expected: dict[str, torch.Size], where: 
             f"{where} holds {MODULE_PREFIX}{extra[0]!r}, which is not a weight of the Ling model its config "
             f"describes ({len(extra)} such tensor(s))."
         )
+    source.shapes = {name: source.shapes[name] for name in expected}
 
 
 def convert_checkpoint(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
-    dtype: str = "bf16",
+    dtype: str = "bfloat16",
     max_shard_size: int | str = "5GB",
     read_bytes: int = READ_BYTES,
     tokenizer: str | None = None,
@@ -162,15 +173,14 @@ def convert_checkpoint(
 ) -> Path:
     """Write the model of a Lightning checkpoint (.ckpt file or DCP folder) as a HF folder; returns `out`.
 
-    `dtype` is bf16, fp16, fp32 or fp8 (blockwise e4m3 projections, the rest bf16); expert_bias
-    stays fp32. `tokenizer` ("byte", a tokenizer folder or tokenizer.json; default: the one the run
-    trained with, as recorded in the checkpoint) is written beside the weights; `remote_code` is a
-    local folder with the BailingMoeV2 code files to copy in. The input checkpoint is only read.
+    `dtype` is float32, bfloat16, float16 or float8_e4m3fn (128x128 blockwise e4m3 projections, the
+    rest bfloat16); expert_bias stays fp32. `tokenizer` ("byte", a tokenizer folder or tokenizer.json;
+    default: the one the run trained with, as recorded in the checkpoint) is written beside the weights;
+    `remote_code` is a local folder with the BailingMoeV2 code files to copy in. The input checkpoint is
+    only read.
     """
     source_path, out_path = Path(checkpoint), Path(out)
-    torch_dtype = export_dtype(dtype)
-    if torch_dtype is None:
-        raise CheckpointError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, not None.")
+    torch_dtype = dtype_named(dtype, "dtype", FLOAT8_DTYPES, optional=False)
     if not source_path.exists():
         raise CheckpointError(f"checkpoint path {os.fspath(source_path)!r} does not exist.")
     if out_path.resolve() == source_path.resolve():
@@ -178,28 +188,34 @@ def convert_checkpoint(
     if out_path.exists() and not out_path.is_dir():
         raise CheckpointError(f"out={os.fspath(out_path)!r} exists and is not a folder.")
     source = open_checkpoint(source_path)
-    expected = expected_shapes(source.config)
-    check_tensors(source, expected, repr(os.fspath(source_path)))
-    source.shapes = {name: source.shapes[name] for name in expected}  # the model's order
-    spec = {"name": tokenizer} if tokenizer is not None else source.tokenizer
-    loaded = None
-    if spec is not None:
-        from ling.data.tokenizer import load_tokenizer
-
-        loaded = load_tokenizer(spec["name"], eos_token=spec.get("eos_token"))
+    check_source(source, repr(os.fspath(source_path)))
+    loaded = export_tokenizer(tokenizer, source.tokenizer)
     return export_hf(source, out_path, torch_dtype, max_shard_size, tokenizer=loaded, remote_code=remote_code,
                      read_bytes=read_bytes)  # fmt: skip
 
 
+def export_tokenizer(name: str | None, recorded: dict | None) -> Tokenizer | None:
+    """The tokenizer an export writes: `name` ("byte", a tokenizer folder or tokenizer.json) if given,
+    else the one a checkpoint recorded (its `{"name": ..., "eos_token": ...}`), else none."""
+    spec = {"name": name} if name is not None else recorded
+    if spec is None:
+        return None
+    from ling.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(spec["name"], eos_token=spec.get("eos_token"))
+
+
 # ---- command line --------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
+class CommandParser(argparse.ArgumentParser):
+    """The parser of the `ling.convert` and `ling.merge` commands."""
+
     def error(self, message: str) -> NoReturn:
-        """One `error:` line and exit status 2, like every other user error of this command."""
+        """One `error:` line and exit status 2, like every other user error of the command."""
         self.exit(2, f"error: {message}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m ling.convert", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m ling.convert", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     to_hf = commands.add_parser(
         "dcp-to-hf",
@@ -208,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     to_hf.add_argument("--checkpoint", required=True, help="a .ckpt file or a sharded (DCP) checkpoint folder")
     to_hf.add_argument("--out", required=True, help="the Hugging Face folder to write")
-    to_hf.add_argument("--dtype", default="bf16", choices=list(EXPORT_DTYPES), help="weight dtype (default bf16)")
+    to_hf.add_argument(
+        "--dtype", default="bfloat16", help=f"weight dtype: {', '.join(FLOAT8_DTYPES)} (default bfloat16)"
+    )
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     to_hf.add_argument("--tokenizer", help="tokenizer to write beside the weights (default: the run's own)")
     to_hf.add_argument("--remote-code", help="a folder with the BailingMoeV2 code files, copied in for offline use")

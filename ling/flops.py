@@ -1,7 +1,8 @@
 """Training FLOPs per token of a Ling config, and model FLOPs utilisation (MFU).
 
 Computed from the config arithmetic alone (no model is built, torch is not imported), so a
-throughput callback or a planner can call it for any size.
+throughput callback or a planner can call it for any size. The device peak that MFU divides by comes
+from Lightning's table (`device_peak_flops`).
 
 Formula (forward + backward = 3 x forward = 6 FLOPs per multiply-accumulate per token):
 
@@ -28,11 +29,15 @@ again twice over: 3 * (4 * T * n_h * d) / 2 = 6 * T * n_h * d per layer (= 12 * 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ling.config import LingConfig
 
-# Dense (no sparsity) peak tensor-core throughput of one H100 SXM, FLOP/s, for MFU denominators.
+if TYPE_CHECKING:
+    import torch
+
+# Dense (no sparsity) bf16 peak tensor-core throughput of one H100 SXM (and H200 SXM), FLOP/s.
 H100_SXM_BF16_PEAK_FLOPS = 989.4e12
-H100_SXM_FP8_PEAK_FLOPS = 1978.9e12
 
 
 def _attention_matmul_params(config: LingConfig) -> int:
@@ -102,3 +107,16 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> 
             f"tokens_per_second={tokens_per_second!r} and flops_per_token={flops_per_token!r} must not be negative."
         )
     return tokens_per_second * flops_per_token / peak_flops
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s of one device for matmuls in `dtype`: Lightning's table entry
+    (`lightning.fabric.utilities.throughput.get_available_flops`), None on a CPU and on devices the
+    table lacks. Some of its GPU figures are the datasheet's with-sparsity numbers, twice the dense
+    peak (e.g. "h100 nvl", "h200 sxm1"); a device named plainly "NVIDIA H200" is not in it."""
+    if device.type != "cuda":
+        return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    peak = get_available_flops(device, dtype)
+    return float(peak) if peak else None

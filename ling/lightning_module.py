@@ -1,6 +1,7 @@
 """`LingModule`: the LightningModule that trains a Ling model.
 
-Loss = main CE + mtp_loss_weight x mean MTP CE (+ router z-loss when enabled). The expert biases
+Loss = main CE + mtp_loss_scaling_factor x mean MTP CE (+ router z-loss when router_z_loss_coeff > 0),
+both fields of the model config like every model setting (`model_overrides`). The expert biases
 are updated once per optimizer step from the token counts of all its micro-batches, summed over
 the data-parallel ranks. The model is built in `configure_model` (on the meta device first), the
 one place where parallelism will be applied.
@@ -23,25 +24,28 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.distributed.fsdp import FSDPModule
 from torchmetrics import MeanMetric
 
 from ling.balance import ExpertLoad, max_violation, update_expert_bias
 from ling.checkpoint import load_hf_weights
 from ling.checkpoint.load import pretrained_config
 from ling.config import ConfigError, LingConfig
-from ling.flops import mfu, training_flops_per_token
-from ling.model import LingForCausalLM
+from ling.data.datamodule import LingDataModule
+from ling.dtypes import dtype_named
+from ling.flops import device_peak_flops, mfu, training_flops_per_token
+from ling.model import LingForCausalLM, build_model
 from ling.model.masks import document_mask
 from ling.model.model import IGNORE_INDEX
 from ling.nonfinite import NonFiniteError, NonFinitePolicy, guarded_optimizer, rewind_step_counts, weights_finite
 from ling.optim import OptimizerConfig, build_optimizer
+from ling.parallel import parallelize
 from ling.parallel.clip import clip_grad_norm_
-from ling.planner import LOSS_CHUNK_TOKENS
+from ling.parallel.strategy import LingParallelStrategy
 from ling.presets import preset
 from ling.resume import check_resume, resume_changes
-from ling.schedules import ScheduleConfig, build_scheduler
+from ling.schedules import LRSchedule, ScheduleConfig, build_scheduler
 
 
 def resolve_config(model: str, model_overrides: dict[str, Any] | None, pretrained: str | None) -> LingConfig:
@@ -55,31 +59,52 @@ def resolve_config(model: str, model_overrides: dict[str, Any] | None, pretraine
     return preset(model, **overrides)
 
 
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_training_settings(config: LingConfig) -> None:
+    """The model config's fields that only training reads (so a config.json loaded for inference is not
+    checked for them): the MTP loss weight, the init std and the router z-loss coefficient."""
+    weight = config.mtp_loss_scaling_factor
+    if not _is_real(weight) or weight < 0:
+        raise ConfigError(f"model_overrides.mtp_loss_scaling_factor={weight!r} must be 0 or more.")
+    if weight > 0 and config.num_nextn_predict_layers == 0:
+        raise ConfigError(
+            f"model_overrides.mtp_loss_scaling_factor={weight!r} needs an MTP layer, but the model has "
+            "num_nextn_predict_layers=0; set model_overrides.num_nextn_predict_layers: 1 or "
+            "model_overrides.mtp_loss_scaling_factor: 0."
+        )
+    std = config.initializer_range
+    if not _is_real(std) or not std > 0:  # `not x > 0` form so that NaN is refused too
+        raise ConfigError(f"model_overrides.initializer_range={std!r} must be positive (the std of the normal init).")
+    if not _is_real(config.router_z_loss_coeff):
+        raise ConfigError(
+            f"model_overrides.router_z_loss_coeff={config.router_z_loss_coeff!r} must be a number (0: no z-loss)."
+        )
+
+
 class LingModule(L.LightningModule):
     def __init__(
         self,
         model: str = "tiny",
         model_overrides: dict[str, Any] | None = None,
         pretrained: str | None = None,
-        init_std: float | None = None,
-        mtp_loss_weight: float | None = None,
-        router_z_loss_coeff: float = 0.0,
         bias_update_rate: float = 1e-3,
         grad_clip: float | None = 1.0,
         optimizer: OptimizerConfig | None = None,
         schedule: ScheduleConfig | None = None,
         peak_flops_per_device: float | None = None,
-        loss_chunk_tokens: int | None = LOSS_CHUNK_TOKENS,
+        loss_chunk_tokens: int | None = 2048,
         nonfinite: NonFinitePolicy | None = None,
     ):
         """
         Args:
             model: a preset name (tiny, mini, flash, 1t); ignored when `pretrained` is given.
-            model_overrides: config fields to change (Hugging Face names), e.g. {num_experts: 32}.
+            model_overrides: config fields to change (Hugging Face names), e.g. {num_experts: 32}; among
+                them the training settings of the model: mtp_loss_scaling_factor (the weight of the mean
+                MTP loss), initializer_range (the std of the normal init) and router_z_loss_coeff (0: off).
             pretrained: a Hugging Face checkpoint folder to continue training from.
-            init_std: std of the normal init (default: the config's initializer_range).
-            mtp_loss_weight: weight of the mean MTP loss (default: the config's mtp_loss_scaling_factor).
-            router_z_loss_coeff: router z-loss coefficient (0 = off).
             bias_update_rate: step size u of the aux-loss-free expert-bias update (0 = frozen).
             grad_clip: clip the global gradient norm to this value (null: no clipping).
             optimizer: AdamW settings.
@@ -96,24 +121,11 @@ class LingModule(L.LightningModule):
         # `not x > 0` form so that NaN is refused too.
         if grad_clip is not None and not grad_clip > 0:
             raise ConfigError(f"grad_clip={grad_clip} must be positive, or null for no clipping.")
-        if init_std is not None and not init_std > 0:
-            raise ConfigError(f"init_std={init_std} must be positive, or null for the model's initializer_range.")
         # Settings objects are stored as plain dicts so checkpoints load with weights_only=True.
         self.save_hyperparameters(ignore=["optimizer", "schedule", "nonfinite"])
-        overrides = dict(model_overrides or {})
-        if router_z_loss_coeff:
-            overrides["router_z_loss_coeff"] = router_z_loss_coeff
-        self.config = resolve_config(model, overrides, pretrained)
+        self.config = resolve_config(model, model_overrides, pretrained)
+        _check_training_settings(self.config)
         self.pretrained = pretrained
-        self.init_std = self.config.initializer_range if init_std is None else init_std
-        self.mtp_loss_weight = self.config.mtp_loss_scaling_factor if mtp_loss_weight is None else mtp_loss_weight
-        if self.mtp_loss_weight < 0:
-            raise ConfigError(f"mtp_loss_weight={self.mtp_loss_weight} must be 0 or more.")
-        if self.mtp_loss_weight > 0 and self.config.num_nextn_predict_layers == 0:
-            raise ConfigError(
-                f"mtp_loss_weight={self.mtp_loss_weight} needs an MTP layer, but the model has "
-                "num_nextn_predict_layers=0; set model_overrides.num_nextn_predict_layers: 1 or mtp_loss_weight: 0."
-            )
         if bias_update_rate < 0:
             raise ConfigError(f"bias_update_rate={bias_update_rate} must be 0 or more.")
         self.bias_update_rate = bias_update_rate
@@ -134,6 +146,8 @@ class LingModule(L.LightningModule):
         self.loss_chunk_tokens = loss_chunk_tokens
         self.model: LingForCausalLM | None = None
         self.expert_load = ExpertLoad()
+        self.last_expert_counts: torch.Tensor | None = None  # the latest step's tokens per expert
+        self.lr_schedule: LRSchedule | None = None  # the schedule's callable, made in configure_optimizers
         self.tokens_seen = 0
         self.source_tokens: list[int] = []  # tokens trained on per data source, over all ranks
         self.stage: int | None = None  # the curriculum stage whose settings are applied
@@ -159,19 +173,16 @@ class LingModule(L.LightningModule):
         the same weights as one process)."""
         if self.model is not None:
             return
-        with torch.device("meta"):
-            model = LingForCausalLM(self.config)
-        mesh = getattr(self, "ling_mesh", None)
-        if mesh is not None:
-            from ling.parallel import parallelize
-
-            self.trainer.strategy.dims.check(self.trainer.world_size, self.config.num_experts)
-            parallelize(model, mesh, self.parallel_plan)
+        model = build_model(self.config, device="meta")
+        # LingParallelStrategy hands its mesh over as Lightning's `device_mesh` (None without a strategy
+        # that builds one, e.g. outside a Trainer), and its parallel plan as `strategy.plan`.
+        if self.device_mesh is not None and isinstance(self.trainer.strategy, LingParallelStrategy):
+            parallelize(model, self.device_mesh, self.trainer.strategy.plan)
         model.to_empty(device=self.device)
         if self.pretrained is not None:
             load_hf_weights(model, self.pretrained)
         else:
-            model.init_weights(self.init_std)
+            model.init_weights()  # the config's initializer_range
         self.model = model
 
     @property
@@ -181,23 +192,32 @@ class LingModule(L.LightningModule):
         names = [f"layer_{i}" for i in range(config.first_k_dense_replace, config.num_hidden_layers)]
         return names + [f"mtp_{k}" for k in range(config.num_nextn_predict_layers)]
 
+    def _data(self) -> LingDataModule | None:
+        """The trainer's LingDataModule; None when the batches come from elsewhere (plain dataloaders or
+        another data module), which then bring no tokenizer, curriculum or named sources."""
+        datamodule = self.trainer.datamodule
+        return datamodule if isinstance(datamodule, LingDataModule) else None
+
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
+        data = self._data()
+        if data is None:
+            self._setup_val_metrics([])
+            return
+        tokenizer = data.tokenizer
+        if tokenizer.vocab_size > self.config.vocab_size:
             raise ConfigError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{self.config.vocab_size}; use a model with vocab_size >= {tokenizer.vocab_size}."
             )
-        for data_stage in getattr(datamodule, "stages", None) or []:
-            self._check_context(data_stage, data_stage.seq_len or datamodule.seq_len)
+        for data_stage in data.stages:
+            self._check_context(data_stage, data_stage.seq_len or data.seq_len)
         on_gpu = self.trainer.strategy.root_device.type == "cuda"
-        if getattr(datamodule, "document_isolation", False) and self.config.attention_dropout and on_gpu:
+        if data.document_isolation and self.config.attention_dropout and on_gpu:
             raise ConfigError(
                 f"attention_dropout={self.config.attention_dropout} cannot be used with document_isolation on a GPU, "
                 "where the document mask runs through flex attention, which has no dropout; set one of them off."
             )
-        self._setup_val_metrics(getattr(datamodule, "source_names", None) or [])
+        self._setup_val_metrics(data.source_names)
 
     def _setup_val_metrics(self, names: list[str]) -> None:
         """The validation loss metrics: one over all sources, and one per source when there are several.
@@ -222,11 +242,10 @@ class LingModule(L.LightningModule):
         return (data_stage.rope_theta or theta, data_stage.rope_scaling or scaling)
 
     def _check_context(self, data_stage, seq_len: int) -> None:
-        """A stage longer than max_position_embeddings needs rope scaling that reaches its length."""
-        _, scaling = self._stage_rope(data_stage)
-        limit = self.config.max_position_embeddings
-        if scaling and scaling.get("factor"):
-            limit = int(float(scaling["factor"]) * scaling.get("original_max_position_embeddings", limit))
+        """A stage's rows must fit in the positions the model reaches with the stage's rope
+        (`LingConfig.context_length`, the rule generation and evaluation use too)."""
+        theta, scaling = self._stage_rope(data_stage)
+        limit = self.config.replace(rope_theta=theta, rope_scaling=scaling).context_length
         if seq_len > limit:
             raise ConfigError(
                 f"stage {data_stage.name!r} trains {seq_len}-token rows but the model reaches {limit} positions "
@@ -239,7 +258,7 @@ class LingModule(L.LightningModule):
 
         Stage settings are absolute (unset = the run's own setting), so entering a stage after a
         resume gives the same model and optimizer settings as reaching it in one run."""
-        data_stage = self.trainer.datamodule.stages[index]
+        data_stage = self._data().stages[index]
         theta, scaling = self._stage_rope(data_stage)
         if (theta, scaling) != (self.config.rope_theta, self.config.rope_scaling):
             self.model.set_rope(theta, scaling)
@@ -257,11 +276,12 @@ class LingModule(L.LightningModule):
         self.stage = index
 
     def _set_peak_lr(self, peak: float) -> None:
-        """Make `peak` the schedule's peak learning rate from the current step on."""
+        """Make `peak` the schedule's peak learning rate from the current step on (the scheduler has
+        already set this step's rate, so it is set here too)."""
         scheduler = self.lr_schedulers()
-        scheduler.base_lrs = [peak] * len(scheduler.optimizer.param_groups)
-        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
-            group["lr"] = lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+        self.lr_schedule.peak = peak
+        for group in scheduler.optimizer.param_groups:
+            group["lr"] = self.lr_schedule(scheduler.last_epoch)
 
     def on_train_start(self) -> None:
         """This run's optimizer settings, over those a resumed optimizer state brought back.
@@ -285,12 +305,10 @@ class LingModule(L.LightningModule):
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
-        return self.model(
-            input_ids, labels=labels, mtp_loss_weight=self.mtp_loss_weight, loss_chunk=self.loss_chunk_tokens, **kwargs
-        )
+        return self.model(input_ids, labels=labels, loss_chunk=self.loss_chunk_tokens, **kwargs)
 
     @staticmethod
-    def _isolation(batch: dict[str, torch.Tensor], i: int | None = None) -> dict:
+    def isolation(batch: dict[str, torch.Tensor], i: int | None = None) -> dict:
         """position_ids and the document mask of (micro-batch i of) a batch packed with isolation."""
         if "doc_ids" not in batch:
             return {}
@@ -310,9 +328,9 @@ class LingModule(L.LightningModule):
         micro_batches = inputs.shape[0]
         losses = []
         for i in range(micro_batches):
-            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce gradients once, at the last
+            if isinstance(self.model, FSDPModule):  # FSDP2: reduce gradients once, at the last
                 self.model.set_requires_gradient_sync(i == micro_batches - 1)
-            out = self(inputs[i], labels[i], **self._isolation(batch, i))
+            out = self(inputs[i], labels[i], **self.isolation(batch, i))
             self.manual_backward(out.loss / micro_batches)
             if out.tokens_per_expert is not None:
                 self.expert_load.add(out.tokens_per_expert)
@@ -409,8 +427,10 @@ class LingModule(L.LightningModule):
         return rewound
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # The logger reads this step's metrics right after this hook (and waits for the device there).
-        if self.trainer._logger_connector.should_update_logs:
+        # The logger reads this step's metrics right after this hook (waiting for the device there). Lightning
+        # 2.6's rule for when, its private should_update_logs, in public terms (one optimizer step per batch).
+        every = self.trainer.log_every_n_steps
+        if every and (self.trainer.global_step % every == 0 or self.trainer.should_stop):
             self.check_nonfinite()
 
     def _log_shares(self, source_rows: torch.Tensor | None, seq_len: int) -> None:
@@ -418,9 +438,10 @@ class LingModule(L.LightningModule):
 
         `source_rows` is a host tensor (LingDataModule keeps it off the device), read with `.numpy()`,
         which refuses device tensors rather than waiting for one."""
-        names = getattr(self.trainer.datamodule, "source_names", None)
-        if source_rows is None or not names:
+        data = self._data()
+        if source_rows is None or data is None:
             return
+        names = data.source_names
         if len(self.source_tokens) != len(names):
             self.source_tokens = [0] * len(names)
         for j, rows in enumerate(source_rows.numpy().tolist()):
@@ -455,9 +476,9 @@ class LingModule(L.LightningModule):
 
     def _compute_dtype(self) -> torch.dtype:
         """The dtype the matmuls run in: LingParallelStrategy's param_dtype, else the trainer precision's."""
-        plan = getattr(self, "parallel_plan", None)
-        if plan is not None and plan.param_dtype is not None:
-            return getattr(torch, plan.param_dtype)
+        strategy = self.trainer.strategy
+        if isinstance(strategy, LingParallelStrategy) and strategy.plan.param_dtype is not None:
+            return dtype_named(strategy.plan.param_dtype, "param_dtype")
         precision = str(self.trainer.precision_plugin.precision)  # "32-true", "bf16-mixed", "16-true", ...
         for prefix, dtype in (("bf16", torch.bfloat16), ("16", torch.float16), ("64", torch.float64)):
             if precision.startswith(prefix):
@@ -476,11 +497,7 @@ class LingModule(L.LightningModule):
         the table at all (no MFU without `peak_flops_per_device`)."""
         if self.peak_flops_per_device:
             return float(self.peak_flops_per_device)
-        device = self.trainer.strategy.root_device
-        if device.type != "cuda":
-            return None
-        peak = get_available_flops(device, self._compute_dtype())
-        return float(peak) if peak else None
+        return device_peak_flops(self.trainer.strategy.root_device, self._compute_dtype())
 
     def _log_throughput(self, step_tokens: int) -> None:
         """Tokens/s over the whole step, data loading included; MFU when the device peak is known."""
@@ -497,9 +514,9 @@ class LingModule(L.LightningModule):
         self.check_nonfinite()
         metrics = self.trainer.callback_metrics
         parts = [f"{name} {float(metrics[name]):.4f}" for name in ("train/loss", "val/loss") if name in metrics]
-        entropy = getattr(self.trainer.datamodule, "unigram_entropy", None)
-        if entropy is not None:
-            parts.append(f"unigram entropy of the data {entropy:.4f}")
+        data = self._data()
+        if data is not None:
+            parts.append(f"unigram entropy of the data {data.unigram_entropy:.4f}")
         rank_zero_info(f"finished at step {self.trainer.global_step}: " + ", ".join(parts))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -508,8 +525,9 @@ class LingModule(L.LightningModule):
         torchmetrics' Perplexity over those tokens (which would need the full logits). Lightning syncs
         the metrics over the ranks and resets them each validation epoch."""
         if self.val_loss is None:  # validation run without `setup` (e.g. called by hand)
-            self._setup_val_metrics(getattr(getattr(self.trainer, "datamodule", None), "source_names", None) or [])
-        out = self(batch["input_ids"], batch["labels"], **self._isolation(batch))
+            data = self._data()
+            self._setup_val_metrics(data.source_names if data is not None else [])
+        out = self(batch["input_ids"], batch["labels"], **self.isolation(batch))
         loss = out.main_loss.detach().double()
         tokens = (batch["labels"] != IGNORE_INDEX).sum()
         self.val_loss.update(loss, weight=tokens)
@@ -529,7 +547,8 @@ class LingModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optimizer_config)
         max_steps = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
-        scheduler = build_scheduler(optimizer, self.schedule_config, max_steps)
+        self.lr_schedule = LRSchedule(self.schedule_config, max_steps, self.optimizer_config.lr)
+        scheduler = build_scheduler(optimizer, self.lr_schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -554,15 +573,20 @@ class LingModule(L.LightningModule):
             "nonfinite_steps": self.nonfinite_steps,
             "nonfinite_run": self._nonfinite_run,
         }
-        tokenizer_spec = getattr(getattr(self.trainer, "datamodule", None), "tokenizer_spec", None)
-        if tokenizer_spec is not None:  # what `python -m ling.convert` writes beside the weights
-            checkpoint["ling"]["tokenizer"] = dict(tokenizer_spec)
+        data = self._data()
+        if data is not None:  # the tokenizer `python -m ling.convert` writes beside the weights
+            checkpoint["ling"]["tokenizer"] = dict(data.tokenizer_spec)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("ling")
         if saved is None:
             return
         self.check_resume(checkpoint)
+        for state in checkpoint.get("lr_schedulers", []):
+            # Checkpoints written before the schedule held its own peak kept the peak as LambdaLR's base
+            # rate, which would now multiply the schedule's rate; the base is 1 (see `build_scheduler`).
+            if state.get("base_lrs") and any(base != 1.0 for base in state["base_lrs"]):
+                state["base_lrs"] = [1.0] * len(state["base_lrs"])
         for name, ours, theirs, note in self._resume_changes(checkpoint):
             rank_zero_info(f"resuming with {name}={ours!r} (the checkpoint was trained with {theirs!r}){note}")
         self.tokens_seen = saved["tokens_seen"]
@@ -580,5 +604,4 @@ class LingModule(L.LightningModule):
     def _resume_changes(self, checkpoint: dict[str, Any]) -> list[tuple[str, Any, Any, str]]:
         theta, scaling = self._base_rope  # the rope before any stage's
         config_hf = {**self.config.to_hf(), "rope_theta": theta, "rope_scaling": scaling}
-        hparams = {**self.hparams, "mtp_loss_weight": self.mtp_loss_weight, "init_std": self.init_std}
-        return resume_changes(checkpoint, config_hf, hparams)
+        return resume_changes(checkpoint, config_hf, dict(self.hparams))

@@ -14,7 +14,6 @@ the same space and the result is written exactly like any other export.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import glob
@@ -22,24 +21,26 @@ import math
 import os
 import re
 import sys
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
-from ling.checkpoint.export import EXPORT_DTYPES, READ_BYTES, TensorSource, export_dtype, export_hf, read_groups
-from ling.checkpoint.hf import DTYPES, CheckpointError, open_safetensors, weight_files, write_atomic
+from ling.checkpoint.companions import TOKENIZER_FILES
+from ling.checkpoint.export import READ_BYTES, TensorSource, export_hf, read_groups
+from ling.checkpoint.fp8 import FP8_DTYPE
+from ling.checkpoint.hf import CheckpointError, write_atomic
+from ling.checkpoint.load import HFReader, expected_keys, pretrained_config
 from ling.config import ConfigError, LingConfig
-from ling.convert import META_NAME, MODULE_PREFIX, check_tensors, expected_shapes, open_checkpoint
+from ling.convert import MODULE_PREFIX, CommandParser, check_source, export_tokenizer, open_checkpoint
 from ling.data.errors import DataError
+from ling.dtypes import DTYPES, FLOAT8_DTYPES, dtype_named
+from ling.model.model import build_model
 
 _STEP = re.compile(r"step[=_-]?(\d+)")
 _GLOB = re.compile(r"[*?\[]")
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # Config fields that may differ between checkpoints of one model: the storage dtype and the token ids
 # an export takes from its tokenizer (the newest checkpoint's are written).
 _FREE_FIELDS = {"torch_dtype", "pad_token_id", "eos_token_id", "extra"}
@@ -51,23 +52,13 @@ class HFSource(TensorSource):
     their per-expert tensors (blockwise fp8 is dequantised) one model tensor at a time."""
 
     def __init__(self, folder: Path):
-        from ling.checkpoint.load import _expected_keys, _Reader, pretrained_config
-        from ling.model.model import LingForCausalLM
-
         self.config = pretrained_config(folder)
-        with torch.device("meta"):
-            model = LingForCausalLM(self.config)
-        block = tuple((self.config.extra.get("quantization_config") or {}).get("weight_block_size", [128, 128]))
-        self.reader = _Reader(folder, block)
-        stored_dtypes: dict[str, torch.dtype] = {}
+        model = build_model(self.config, device="meta")
+        self.reader = HFReader(folder, self.config)
         fallback = DTYPES.get(self.config.torch_dtype, torch.bfloat16)  # what fp8 weights dequantise to
-        for file in weight_files(folder):
-            with open_safetensors(file) as handle:
-                for key in handle.keys():
-                    stored_dtypes[key] = _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype(), fallback)
         self.parts: dict[str, list[str]] = {}
         self.shapes = {}
-        for key, (name, _, shape) in _expected_keys(model).items():
+        for key, (name, _, shape) in expected_keys(model).items():
             if key not in self.reader.keys:
                 raise CheckpointError(f"{os.fspath(folder)!r} has no tensor {key!r}, which its config.json needs.")
             if self.reader.shapes[key] != shape:
@@ -78,9 +69,10 @@ class HFSource(TensorSource):
             self.parts.setdefault(name, []).append(key)
         state = model.state_dict()
         for name, keys in self.parts.items():
-            dtype = torch.float32 if name.endswith("expert_bias") else stored_dtypes[keys[0]]
-            self.shapes[name] = (state[name].shape, dtype)
-        has_tokenizer = any((folder / f).is_file() for f in _TOKENIZER_FILES)
+            stored = self.reader.dtypes[keys[0]]
+            dtype = fallback if stored is None or stored == FP8_DTYPE else stored
+            self.shapes[name] = (state[name].shape, torch.float32 if name.endswith("expert_bias") else dtype)
+        has_tokenizer = any((folder / f).is_file() for f in TOKENIZER_FILES)
         self.tokenizer = {"name": os.fspath(folder)} if has_tokenizer else None
 
     def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -306,16 +298,6 @@ def _check_same_model(sources: Sequence[TensorSource], paths: Sequence[Path]) ->
                 )
 
 
-def _ling_entry(path: Path) -> dict[str, Any]:
-    """The `ling` entry (tokens_seen, ...) of a Lightning checkpoint; empty for a HF folder."""
-    file = path / META_NAME if path.is_dir() else path
-    if not file.is_file():
-        return {}
-    saved = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
-    ling = saved.get("ling") if isinstance(saved, dict) else None
-    return ling if isinstance(ling, dict) else {}
-
-
 def merge_checkpoints(
     paths: Sequence[str | os.PathLike],
     weights: Sequence[float] | None = None,
@@ -330,10 +312,10 @@ def merge_checkpoints(
     """Merge checkpoints (oldest first) into a HF folder `out` and/or a weights-only `ckpt` file.
 
     The weights are `weights` (one per checkpoint, >= 0, summing to 1) or those of the decay `shape`
-    (`ling.wsm.merge_weights`, `alpha` for ema). `dtype` is the HF folder's dtype (bf16, fp16, fp32,
-    fp8; default: the checkpoints' own); the `ckpt` keeps the checkpoints' dtypes. With neither
-    output the merged tensors are returned in `MergeResult.state`. The tokenizer written is
-    `tokenizer` or the one recorded by the newest checkpoint that records one.
+    (`ling.wsm.merge_weights`, `alpha` for ema). `dtype` is the HF folder's dtype (float32, bfloat16,
+    float16 or float8_e4m3fn; default: the checkpoints' own); the `ckpt` keeps the checkpoints' dtypes.
+    With neither output the merged tensors are returned in `MergeResult.state`. The tokenizer written
+    is `tokenizer` or the one recorded by the newest checkpoint that records one.
     """
     from ling import wsm
 
@@ -346,7 +328,7 @@ def merge_checkpoints(
         weights = wsm.merge_weights(None, len(paths), alpha=alpha, weights=weights)
     else:
         weights = wsm.merge_weights(shape or "mean", len(paths), alpha=alpha)
-    torch_dtype = export_dtype(dtype)
+    torch_dtype = dtype_named(dtype, "dtype", FLOAT8_DTYPES)
     for path in paths:
         if not path.exists():
             raise CheckpointError(f"checkpoint path {os.fspath(path)!r} does not exist.")
@@ -360,9 +342,7 @@ def merge_checkpoints(
 
     sources = [open_any(path) for path in paths]
     for source, path in zip(sources, paths, strict=True):
-        expected = expected_shapes(source.config)
-        check_tensors(source, expected, repr(os.fspath(path)))
-        source.shapes = {name: source.shapes[name] for name in expected}  # the model's order
+        check_source(source, repr(os.fspath(path)))
     _check_same_model(sources, paths)
     config = sources[-1].config
     merged = MergedSource(sources, weights, config)
@@ -377,18 +357,13 @@ def merge_checkpoints(
     if ckpt is not None:
         result.ckpt = _write_ckpt(Path(ckpt), result, sources)
     if out is not None:
-        spec = {"name": tokenizer} if tokenizer is not None else _recorded_tokenizer(sources)
-        loaded = None
-        if spec is not None:
-            from ling.data.tokenizer import load_tokenizer
-
-            loaded = load_tokenizer(spec["name"], eos_token=spec.get("eos_token"))
+        loaded = export_tokenizer(tokenizer, _recorded_tokenizer(sources))
         result.out = export_hf(merged, Path(out), torch_dtype, max_shard_size, tokenizer=loaded)
     return result
 
 
 def _recorded_tokenizer(sources: Sequence[TensorSource]) -> dict | None:
-    return next((s.tokenizer for s in reversed(sources) if getattr(s, "tokenizer", None)), None)
+    return next((s.tokenizer for s in reversed(sources) if s.tokenizer), None)
 
 
 def write_weights_checkpoint(
@@ -418,7 +393,7 @@ def write_weights_checkpoint(
 
 
 def _write_ckpt(path: Path, result: MergeResult, sources: Sequence[TensorSource]) -> Path:
-    newest = _ling_entry(result.paths[-1])
+    newest = sources[-1].ling_entry or {}
     merge = {"checkpoints": [os.fspath(p) for p in result.paths], "weights": list(result.weights)}
     return write_weights_checkpoint(
         path, result.state, result.config, tokens_seen=newest.get("tokens_seen", 0),
@@ -427,14 +402,8 @@ def _write_ckpt(path: Path, result: MergeResult, sources: Sequence[TensorSource]
 
 
 # ---- command line ------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One `error:` line and exit status 2, like every other user error of this command."""
-        self.exit(2, f"error: {message}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m ling.merge", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m ling.merge", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoints", nargs="+", required=True,
                         help="checkpoints oldest first: .ckpt files, DCP or HF folders, PATH:WEIGHT items, or a "
                              "quoted glob such as 'ckpts/epoch=*-step=*.ckpt' (ordered by step)")  # fmt: skip
@@ -447,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="min", choices=["min", "max"], help="better --metric: min (default) or max")
     parser.add_argument("--out", help="the Hugging Face folder to write")
     parser.add_argument("--ckpt", help="a weights-only LingModule .ckpt file to write")
-    parser.add_argument("--dtype", choices=list(EXPORT_DTYPES), help="HF weight dtype (default: the checkpoints')")
+    parser.add_argument("--dtype", help=f"HF weight dtype: {', '.join(FLOAT8_DTYPES)} (default: the checkpoints')")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     parser.add_argument("--tokenizer", help="tokenizer to write beside the weights (default: the run's own)")
     args = parser.parse_args(argv)

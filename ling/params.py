@@ -12,10 +12,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ling.config import ConfigError, LingConfig
-from ling.model import LingForCausalLM
+from ling.model import LingForCausalLM, build_model
 from ling.model.moe import GroupedExperts
 from ling.presets import PRESETS, preset
 
@@ -52,8 +50,7 @@ def _counts(model: LingForCausalLM, include_mtp: bool) -> ParamCounts:
 def count_parameters(config: LingConfig) -> dict[str, ParamCounts]:
     """Counts for the config without MTP and with its MTP layers (one if the config has none)."""
     depth = max(1, config.num_nextn_predict_layers)
-    with torch.device("meta"):
-        model = LingForCausalLM(config.replace(num_nextn_predict_layers=depth))
+    model = build_model(config.replace(num_nextn_predict_layers=depth), device="meta")
     return {"without MTP": _counts(model, False), f"with MTP ({depth} layer)": _counts(model, True)}
 
 

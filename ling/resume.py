@@ -10,40 +10,34 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ling.config import ConfigError, LingConfig
+from ling.config import OMITTED_FROM_HF, SHAPE_FIELDS, ConfigError, LingConfig
 from ling.optim import OptimizerConfig
 
-_SHAPE_FIELDS = {
-    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "moe_shared_expert_intermediate_size",
-    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts",
-    "num_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers",
-}  # fmt: skip
 # Model config fields that may change when resuming (each change is logged); every other field of
-# LingConfig decides the parameters' shapes or the architecture (which parameters and buffers exist,
-# the routing, the rotary dimension, the activation and norms) and may not (`_FIXED_FIELDS`).
+# LingConfig decides the parameters' shapes (`SHAPE_FIELDS`) or the architecture (which parameters and
+# buffers exist, the routing, the rotary dimension, the activation and norms) and may not (`_FIXED_FIELDS`).
 _RESUMABLE_FIELDS = {
     "rope_theta", "rope_scaling", "max_position_embeddings", "rms_norm_eps", "attention_dropout",
     "embedding_dropout", "output_dropout", "router_dtype", "router_z_loss_coeff", "seq_aux_loss_coeff",
-    "pad_token_id", "eos_token_id", "torch_dtype",
+    "mtp_loss_scaling_factor", "initializer_range", "pad_token_id", "eos_token_id", "torch_dtype",
 }  # fmt: skip
-# Compared through the hyper-parameters that use them (mtp_loss_weight, init_std).
-_CONFIG_AS_HPARAMS = {"mtp_loss_scaling_factor", "initializer_range"}
-_FIXED_FIELDS = (
-    {f.name for f in dataclasses.fields(LingConfig)} - _RESUMABLE_FIELDS - _CONFIG_AS_HPARAMS - {"extra"}
-) | _SHAPE_FIELDS
+_FIXED_FIELDS = ({f.name for f in dataclasses.fields(LingConfig)} - _RESUMABLE_FIELDS - {"extra"}) | set(SHAPE_FIELDS)
 # The optimizer's parameter groups follow from these: the saved optimizer state would not fit others.
 _FIXED_OPTIMIZER_FIELDS = ("embedding_weight_decay",)
 # Hyper-parameters that only choose the model config, which is compared field by field instead.
-_HPARAMS_AS_CONFIG = {"model", "model_overrides", "router_z_loss_coeff"}
-_NOT_USED_ON_RESUME = "; not used, the weights come from the checkpoint"
-# Fields that LingConfig.to_hf leaves out at these values.
-_TO_HF_OMITS = {"partial_rotary_factor": None, "rotary_dim": None, "moe_shared_expert_intermediate_size": None,
-                "router_z_loss_coeff": 0.0, "seq_aux_loss_coeff": 0.0}  # fmt: skip
+_HPARAMS_AS_CONFIG = {"model", "model_overrides"}
+# Settings that only decide how the weights are made at the start, which a resumed run loads instead.
+_NOT_USED_ON_RESUME = {"initializer_range", "pretrained"}
+_NOT_USED_NOTE = "; not used, the weights come from the checkpoint"
 
 
 def _config_fields(hf: dict[str, Any]) -> dict[str, Any]:
     """A config.json dict with the fields to_hf leaves out put back, for comparing two of them."""
-    return {**_TO_HF_OMITS, **{k: v for k, v in hf.items() if k != "architectures"}}
+    return {**OMITTED_FROM_HF, **{k: v for k, v in hf.items() if k != "architectures"}}
+
+
+def _note(name: str) -> str:
+    return _NOT_USED_NOTE if name in _NOT_USED_ON_RESUME else ""
 
 
 def _plain(value: Any) -> Any:
@@ -90,25 +84,18 @@ def resume_changes(
     theirs = _config_fields(config)
     ours = _config_fields(config_hf)
     changes = [
-        (k, ours.get(k), theirs.get(k), "")
+        (k, ours.get(k), theirs.get(k), _note(k))
         for k in sorted(set(theirs) | set(ours))
-        if k not in _FIXED_FIELDS and k not in _CONFIG_AS_HPARAMS and _plain(theirs.get(k)) != _plain(ours.get(k))
+        if k not in _FIXED_FIELDS and _plain(theirs.get(k)) != _plain(ours.get(k))
     ]
-    mine = hparams
-    hparams = checkpoint.get("hyper_parameters")
-    if not hparams:
+    saved_hparams = checkpoint.get("hyper_parameters")
+    if not saved_hparams:
         return changes
-    # The values in effect: unset mtp_loss_weight and init_std mean the model config's.
-    hparams = {**hparams}
-    if hparams.get("mtp_loss_weight") is None:
-        hparams["mtp_loss_weight"] = config.get("mtp_loss_scaling_factor", 0.0)
-    if hparams.get("init_std") is None:
-        hparams["init_std"] = config.get("initializer_range")
-    for key, value in mine.items():
-        if key.startswith("_") or key in _HPARAMS_AS_CONFIG or key not in hparams:
+    for key, value in hparams.items():
+        if key.startswith("_") or key in _HPARAMS_AS_CONFIG or key not in saved_hparams:
             continue
-        old = hparams[key]
-        note = _NOT_USED_ON_RESUME if key in ("init_std", "pretrained") else ""
+        old = saved_hparams[key]
+        note = _note(key)
         if isinstance(value, dict) and isinstance(old, dict):
             changes += [
                 (f"{key}.{k}", v, old[k], note)

@@ -137,6 +137,16 @@ def _lock_holder(fd: int) -> int | None:
     return None
 
 
+def next_version(root: str | os.PathLike) -> int:
+    """One past the highest `version_<N>` folder in `root`, 0 without one (the number Lightning's CSVLogger
+    would pick)."""
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    found = [p.name.split("_")[1] for p in root.iterdir() if p.is_dir() and p.name.startswith("version_")]
+    return max((int(n) for n in found if n.isdigit()), default=-1) + 1
+
+
 def claim_version(root: str | os.PathLike, first: int = 0) -> int:
     """Create `<root>/version_<N>` for the lowest free N >= `first` and return N.
 
@@ -155,7 +165,12 @@ def claim_version(root: str | os.PathLike, first: int = 0) -> int:
 
 
 class CSVLogger(LightningCSVLogger):
-    """Lightning's CSVLogger whose log folder belongs to this run alone (see the module docstring)."""
+    """Lightning's CSVLogger whose log folder belongs to this run alone (see the module docstring).
+
+    The claim is made when the version is first read, as Lightning's own choice is: only then is this
+    process's rank known. Lightning keeps the version and the CSV writer in `_version` and `_experiment`
+    and has no public way to set them after construction, so this class sets them itself.
+    """
 
     _run_lock: RunFolderLock | None = None
     _claimed = False
@@ -164,7 +179,7 @@ class CSVLogger(LightningCSVLogger):
     def version(self) -> int | str:
         if self._run_lock is None and rank_zero_only.rank == 0 and is_local_path(self.root_dir):
             if self._version is None:
-                self._version = claim_version(self.root_dir, first=self._get_next_version())
+                self._version = claim_version(self.root_dir, first=next_version(self.root_dir))
                 self._claimed = True
             # A claimed folder is this run's already; the lock keeps out runs given its version explicitly.
             self._run_lock = lock_run_folder(self._folder(), warn=not self._claimed)

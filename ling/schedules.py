@@ -14,7 +14,6 @@ torch's CosineAnnealingLR).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -115,16 +114,37 @@ def lr_multiplier(cfg: ScheduleConfig, step: int, total_steps: int | None) -> fl
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * _decay_shape(shape, p)
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int | None
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step LambdaLR (to be stepped with Lightning's interval "step") applying `lr_multiplier` to
-    every group's own peak LR. Config errors are raised here, at setup, not at the first step that
-    needs the end step."""
-    if cfg.name != "wsm":
-        total_steps = _resolve_total(cfg, total_steps)
-    # A partial of a module-level function, unlike a lambda, pickles and fits LambdaLR.state_dict().
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, cfg, total_steps=total_steps))
+class LRSchedule:
+    """The learning rate of each optimizer step: `peak` x `lr_multiplier(config, step, total_steps)`.
+
+    `peak` is the one value that changes during a run (a curriculum stage's lr, a resumed run's own):
+    set it, and the next step uses it. `total_steps` (normally trainer.max_steps) is used by WSD and
+    cosine when config.total_steps is None; config errors are raised here, at setup, not at the first
+    step that needs the end step.
+
+    It is the callable of the run's LambdaLR (`build_scheduler`), whose state_dict holds the callable's
+    `__dict__`: only `peak` lives there (config and total_steps are slots), so a checkpoint holds a plain
+    number (it loads with weights_only=True) and a resumed run keeps its own schedule settings.
+    """
+
+    __slots__ = ("config", "total_steps", "__dict__")
+
+    def __init__(self, config: ScheduleConfig, total_steps: int | None, peak: float):
+        self.config = config
+        self.total_steps = _resolve_total(config, total_steps) if config.name != "wsm" else total_steps
+        self.peak = peak
+
+    def __call__(self, step: int) -> float:
+        return self.peak * lr_multiplier(self.config, step, self.total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: LRSchedule) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step LambdaLR (to be stepped with Lightning's interval "step") giving every parameter group
+    the learning rate `schedule(step)`."""
+    # LambdaLR multiplies the callable's value by each group's initial_lr: 1, as the schedule gives the rate.
+    for group in optimizer.param_groups:
+        group["initial_lr"] = 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 @dataclass
@@ -176,14 +196,3 @@ def check_ramp(ramp: BatchRamp | None, target: int) -> None:
             f"The ramp from {ramp.start} to the target {target} is not a whole number of "
             f"increments of {ramp.increment}."
         )
-
-
-def global_batch_schedule(ramp: BatchRamp | None, target: int, steps: int) -> list[int]:
-    """The global batch of each of the first `steps` optimizer steps; each step's batch adds to the
-    consumed samples that decide the next one."""
-    batches: list[int] = []
-    consumed = 0
-    for _ in range(steps):
-        batches.append(ramp_global_batch(ramp, target, consumed))
-        consumed += batches[-1]
-    return batches

@@ -33,7 +33,7 @@ from ling.model.dtensor import local as _local
 SHAPES = ("mean", "cosine", "1-sqrt", "ema")
 WEIGHT_TOLERANCE = 1e-6
 # Elements added per step: bounds the fp32 cast of a low-precision tensor to 16 MiB, not a whole tensor.
-_CHUNK = 1 << 22
+CAST_CHUNK = 1 << 22
 
 _DECAY = {
     "mean": lambda x: 1.0 - x,
@@ -138,12 +138,12 @@ def merge_weights(
 
 def _add_scaled(acc: Tensor, src: Tensor, weight: float) -> None:
     """acc += weight * src in fp32, casting at most one chunk of `src` at a time."""
-    if src.dtype == torch.float32 or not (acc.is_contiguous() and src.is_contiguous()) or src.numel() <= _CHUNK:
+    if src.dtype == torch.float32 or not (acc.is_contiguous() and src.is_contiguous()) or src.numel() <= CAST_CHUNK:
         acc.add_(src, alpha=weight)
         return
     flat_acc, flat_src = acc.view(-1), src.view(-1)
-    for start in range(0, flat_src.numel(), _CHUNK):
-        flat_acc[start : start + _CHUNK].add_(flat_src[start : start + _CHUNK], alpha=weight)
+    for start in range(0, flat_src.numel(), CAST_CHUNK):
+        flat_acc[start : start + CAST_CHUNK].add_(flat_src[start : start + CAST_CHUNK], alpha=weight)
 
 
 class MergeAccumulator:

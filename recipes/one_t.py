@@ -1,7 +1,8 @@
 """1t: Ling-1T (999.7B total, 51B active), trained as in the Ling 2.0 report. Registry key "1t".
 
 Report values: peak LR 1.86e-4, warmup 2,000 steps, batch 18,144 sequences of 4,096 tokens, ramp
-from 3,024 over ~500B tokens, MTP weight 0.1, bias update 1e-3 (1e-4 after context extension).
+from 3,024 over ~500B tokens; the MTP weight 0.1 and init std 0.006 are the preset's, the bias update
+1e-3 (1e-4 after context extension) the shared training settings' (recipes/common.py).
 
 Layout: 126 nodes x 8 H100-80GB = 1,008 ranks, EP 16 (two nodes), full activation checkpointing,
 micro-batch 1. 1,008 divides both 3,024 and 18,144, so accumulate_grad_batches is 3 at the ramp's
@@ -15,15 +16,15 @@ configs/1t.yaml, because no layout this strategy can build fits them in 80 GB: a
 hold less than one 32,768-token row, and for that row full checkpointing keeps the 80 block inputs
 (80 x 32,768 x 8,192 bf16 values, 43 GB; 46 GB with the MTP and head inputs) while the MTP block is
 recomputed (33 GB more). These 79 GB of activations belong to the row, so more nodes or a larger EP,
-which only shard the 16 GB of weights, gradients and AdamW state further, leave the plan above 100 GB
-per GPU; checkpointing only the MoE part keeps far more, and the loss is already computed in chunks
-(4.5 GB). Fitting them needs a row split over GPUs (context or pipeline parallelism, which this
-project does not have) or larger GPUs: on 141 GB H200s the same layout fits on paper
-(`python -m recipes.plan 1t --gpu-memory-gb 141` prints the left-out stages' memory too). Without a
-32K stage the exported checkpoint gets no YaRN setting: it is a 4K model.
+which only shard the 16 GB of weights, gradients and AdamW state further, leave the estimate above
+100 GB per GPU; checkpointing only the MoE part keeps far more, and the loss is already computed in
+chunks (4.5 GB). Fitting them needs a row split over GPUs (context or pipeline parallelism, which
+this project does not have) or larger GPUs: on 141 GB H200s the same layout fits on paper
+(`python -m recipes.describe 1t --gpu-memory-gb 141` prints the left-out stages' memory too).
+Without a 32K stage the exported checkpoint gets no YaRN setting: it is a 4K model.
 """
 
-from recipes import report_recipe
+from recipes.report import report_recipe
 
 REASON = (
     "one 32,768-token row per micro-batch does not fit in 80 GB per GPU on any layout this strategy "

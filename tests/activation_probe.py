@@ -1,4 +1,4 @@
-"""What autograd really keeps for backward, measured on CPU, to check the planner's activation estimates."""
+"""What autograd really keeps for backward, measured on CPU, to check the memory estimate's activation figures."""
 
 import torch
 

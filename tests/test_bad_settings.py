@@ -144,7 +144,11 @@ CASES = [
         ['--model.model_overrides={"num_experts": 15}'],
         "num_experts=15 must be divisible by n_group=4",
     ),
-    ("mtp_loss_weight_negative", ["--model.mtp_loss_weight=-0.5"], "mtp_loss_weight=-0.5 must be 0 or more"),
+    (
+        "mtp_loss_scaling_factor_negative",
+        ['--model.model_overrides={"mtp_loss_scaling_factor": -0.5}'],
+        "model_overrides.mtp_loss_scaling_factor=-0.5 must be 0 or more",
+    ),
     ("bias_update_rate_negative", ["--model.bias_update_rate=-0.001"], "bias_update_rate=-0.001 must be 0 or more"),
     ("loss_chunk_tokens_zero", ["--model.loss_chunk_tokens=0"], "loss_chunk_tokens=0 must be a positive number"),
     # ---- the optimizer

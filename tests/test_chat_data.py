@@ -22,7 +22,7 @@ from ling.data.errors import DataError
 from ling.data.packing import document_ids, document_positions
 from ling.data.sources import SourceSpec
 from ling.data.tokenize import LOSS_MASK, TokenStream, tokenize_source
-from ling.data.tokenizer import ByteTokenizer, document_end_id, load_tokenizer, special_token_ids
+from ling.data.tokenizer import ByteTokenizer, load_tokenizer, special_token_ids
 from ling.model.model import IGNORE_INDEX
 
 # Ling's chat template in miniature: every turn is a role header, the content and `<|role_end|>`.
@@ -71,15 +71,12 @@ def token_id(tok, token: str) -> int:
 
 
 def conversations(*chats) -> datasets.Dataset:
-    data = datasets.Dataset.from_list([{"messages": chat} for chat in chats])
-    data._fingerprint = f"chats-{len(chats)}"
-    return data
+    return datasets.Dataset.from_list([{"messages": chat} for chat in chats])
 
 
 def test_the_chat_tokenizer_ends_documents_with_endoftext_and_keeps_its_eos(chat_tok, tmp_path):
     role_end, endoftext = token_id(chat_tok, "<|role_end|>"), token_id(chat_tok, "<|endoftext|>")
     assert (chat_tok.eos_token_id, chat_tok.pad_token_id, chat_tok.document_end_id) == (role_end, endoftext, endoftext)
-    assert document_end_id(chat_tok) == endoftext
     # The model-facing EOS (exported config.json and generation config) stays the chat EOS.
     assert special_token_ids(chat_tok)["eos_token_id"] == role_end
     # A tokenizer.json with that config beside it reads the same.
@@ -102,7 +99,7 @@ def test_the_chat_tokenizer_ends_documents_with_endoftext_and_keeps_its_eos(chat
     plain = load_tokenizer(str(tmp_path / "plain"))
     assert plain.eos_token_id == plain.document_end_id == 2
     byte = ByteTokenizer()
-    assert byte.eos_token_id == byte.document_end_id == document_end_id(byte) == 256
+    assert byte.eos_token_id == byte.document_end_id == 256
 
 
 def test_a_conversation_is_its_rendered_text_then_endoftext(chat_tok, tmp_path):

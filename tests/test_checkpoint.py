@@ -9,7 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ling import ConfigError
-from ling.checkpoint import CheckpointError, hf_state_dict, load_pretrained, save_pretrained
+from ling.checkpoint import CheckpointError, load_pretrained, save_pretrained
+from ling.checkpoint.export import ModelSource, hf_stream
 from ling.model import build_model
 
 
@@ -136,7 +137,7 @@ def test_hand_written_per_expert_file_loads_into_stacked_weights(tiny_config, tm
     save_file({k: tensors[k] for k in names[half:]}, str(tmp_path / "second.safetensors"))
     weight_map = {k: "first.safetensors" if j < half else "second.safetensors" for j, k in enumerate(names)}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    tiny_config.to_json_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config.to_hf()))
 
     model = load_pretrained(tmp_path)
     L = tiny_config.num_hidden_layers
@@ -150,7 +151,7 @@ def test_hand_written_per_expert_file_loads_into_stacked_weights(tiny_config, tm
     assert torch.equal(model.model.mtp_layers[0].eh_proj.weight, tensors[f"model.layers.{L}.eh_proj.weight"])
     assert torch.equal(model.model.layers[0].mlp.gate_proj.weight, tensors["model.layers.0.mlp.gate_proj.weight"])
     # And written back out, the same tensors come out under the same names.
-    out = dict(hf_state_dict(model))
+    out = dict(hf_stream(ModelSource(model)))
     assert out.keys() == tensors.keys()
     assert all(torch.equal(out[k], tensors[k]) for k in tensors)
 
@@ -183,10 +184,10 @@ def test_config_counting_mtp_inside_num_hidden_layers(trained_like, tmp_path):
 
 
 def test_missing_tensor_names_key_and_shape(trained_like, tmp_path):
-    tensors = dict(hf_state_dict(trained_like))
+    tensors = dict(hf_stream(ModelSource(trained_like)))
     del tensors["model.layers.2.mlp.experts.7.up_proj.weight"]
     save_file({k: v.clone() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
-    trained_like.config.to_json_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps(trained_like.config.to_hf()))
     with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mlp\.experts\.7\.up_proj\.weight.*\(32, 64\)"):
         load_pretrained(tmp_path)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from activation_probe import probe_model, saved_bytes
 
+from ling.memory import activation_bytes
 from ling.model import IGNORE_INDEX
-from ling.planner import activation_bytes
 
 
 def grads(model):
@@ -35,7 +35,7 @@ def test_chunked_loss_equals_the_whole_logits_loss(tiny_model, chunk):
 
 def test_chunked_loss_keeps_no_logits_for_backward():
     """What autograd saves (distinct non-parameter storages), measured: with the whole-logits loss it
-    holds every head's logits and fp32 log-softmax; chunked, only the planner's `stored` estimate."""
+    holds every head's logits and fp32 log-softmax; chunked, only the memory estimate's `stored` figure."""
     cfg, model = probe_model()
     B, T = 2, 64
     ids = torch.randint(0, cfg.vocab_size, (B, T))

@@ -75,7 +75,7 @@ def test_exports_carry_the_runs_tokenizer(tmp_path):
 
     cli = train.main(tiny_args(tmp_path, 2))
     log_dir = Path(cli.trainer.log_dir)
-    converted = convert_checkpoint(log_dir / "checkpoints" / "last.ckpt", tmp_path / "converted", dtype="bf16")
+    converted = convert_checkpoint(log_dir / "checkpoints" / "last.ckpt", tmp_path / "converted", dtype="bfloat16")
     text = "To be, or not to be: 12 + 30 = 42 ✓\n"
     for folder in (log_dir / "hf", converted):
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -114,7 +114,10 @@ def test_print_config_shows_the_whole_run():
     ("override", "message"),
     [
         ("--model.model=huge", "error: unknown model preset 'huge'; choose one of ['1t', 'flash', 'mini', 'tiny']."),
-        ('--model.model_overrides={"num_nextn_predict_layers": 0}', "error: mtp_loss_weight=0.1 needs an MTP layer"),
+        (
+            '--model.model_overrides={"num_nextn_predict_layers": 0}',
+            "error: model_overrides.mtp_loss_scaling_factor=0.1 needs an MTP layer",
+        ),
         (
             ('--data.stages=[{"name": "long", "seq_len": 4096, "global_batch_size": 2}]',),
             "error: stage 'long' trains 4096-token rows but the model reaches 2048 positions",

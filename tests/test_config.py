@@ -102,7 +102,7 @@ def test_round_trip_through_json_file(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(_ling_1t_json()))
     cfg = LingConfig.from_json_file(path)
-    cfg.to_json_file(tmp_path / "out.json")
+    (tmp_path / "out.json").write_text(json.dumps(cfg.to_hf()))
     again = json.loads((tmp_path / "out.json").read_text())
     for key, value in _ling_1t_json().items():
         assert again[key] == value, key
@@ -172,6 +172,10 @@ def test_no_rope_keys_means_full_rotation():
         (dict(rope_scaling={"type": "yarn", "factor": 0.5}), "factor=0.5"),
         (dict(rope_scaling={"type": "linear", "factor": 2.0}), "linear"),
         (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "dynamic"),
+        (dict(num_shared_experts=-1), "num_shared_experts=-1 must be 0 or a positive integer."),
+        (dict(num_nextn_predict_layers=1.5), "num_nextn_predict_layers=1.5 must be 0 or a positive integer."),
+        (dict(moe_shared_expert_intermediate_size=-8), "moe_shared_expert_intermediate_size=-8 must be 0 or a"),
+        (dict(head_dim=0), "head_dim=0 must be a positive integer."),
     ],
 )
 def test_validation_errors_name_the_bad_value(overrides, needle):
@@ -185,6 +189,34 @@ def test_validation_errors_from_hf():
         LingConfig.from_hf(dict(_ling_1t_json(), rotary_dim=63))
     with pytest.raises(ConfigError, match="num_experts=255"):
         LingConfig.from_hf(dict(MINI_JSON, num_experts=255))
+
+
+@pytest.mark.parametrize(
+    ("max_positions", "rope_scaling", "reach"),
+    [
+        (2048, None, 2048),
+        (2048, {"type": "default"}, 2048),
+        # The tiny demo's last stage: YaRN on a 256-token window inside a 2,048-position config.
+        (2048, {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256}, 2048),
+        (2048, {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}, 8192),
+        (2048, {"rope_type": "yarn", "factor": 3.0}, 6144),  # the original window defaults to max positions
+    ],
+)
+def test_context_length_is_the_longer_of_the_window_and_yarns_reach(max_positions, rope_scaling, reach):
+    config = ling.preset("tiny", max_position_embeddings=max_positions)
+    assert config.replace(rope_scaling=rope_scaling).context_length == reach
+
+
+def test_a_training_stage_is_checked_against_the_same_reach():
+    from ling.data.curriculum import Stage
+    from ling.lightning_module import LingModule
+
+    module = LingModule(model="tiny")
+    yarn = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256}
+    module._check_context(Stage("yarn", seq_len=2048, rope_scaling=yarn), 2048)
+    with pytest.raises(ConfigError, match="^stage 'long' trains 4096-token rows but the model reaches 2048 positions"):
+        module._check_context(Stage("long", seq_len=4096, rope_scaling=yarn), 4096)
+    module._check_context(Stage("longer", rope_scaling={**yarn, "original_max_position_embeddings": 2048}), 4096)
 
 
 def test_official_yarn_dict_is_accepted():

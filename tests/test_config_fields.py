@@ -266,7 +266,7 @@ def test_honoured_switches_round_trip_through_config_json(tmp_path):
         router_dtype="fp64",
         attention_dropout=0.1,
     )
-    cfg.to_json_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
     data = json.loads((tmp_path / "config.json").read_text())
     assert data["use_qk_norm"] is False and data["norm_topk_prob"] is False
     assert data["moe_router_enable_expert_bias"] is False and data["router_dtype"] == "fp64"

@@ -13,10 +13,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 
+from callbacks.hf_export import HFExport
+from callbacks.wsm import WSM
 from ling.checkpoint import CheckpointError, load_pretrained
 from ling.checkpoint.fp8 import dequantize_blockwise, quantize_blockwise
+from ling.config import ConfigError
 from ling.convert import convert_checkpoint, main
 from ling.data.tokenizer import load_tokenizer
+from ling.merge import merge_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 E4M3_MAX = 448.0
@@ -74,7 +78,7 @@ def test_fp32_export_reproduces_the_trained_model(tmp_path, tiny_model, kind):
     write = write_ckpt if kind == "ckpt" else write_dcp
     source = write(tmp_path / f"last.{kind}", tiny_model)
     # read_bytes=1: every DCP tensor is read by its own load call.
-    out = convert_checkpoint(source, tmp_path / "hf", dtype="fp32", read_bytes=1)
+    out = convert_checkpoint(source, tmp_path / "hf", dtype="float32", read_bytes=1)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["torch_dtype"] == "float32" and "quantization_config" not in config
@@ -88,8 +92,8 @@ def test_fp32_export_reproduces_the_trained_model(tmp_path, tiny_model, kind):
 
 def test_small_shards_write_an_index(tmp_path, tiny_model):
     source = write_dcp(tmp_path / "dcp", tiny_model)
-    one = convert_checkpoint(source, tmp_path / "one", dtype="fp32")
-    many = convert_checkpoint(source, tmp_path / "many", dtype="fp32", max_shard_size="40KB")
+    one = convert_checkpoint(source, tmp_path / "one", dtype="float32")
+    many = convert_checkpoint(source, tmp_path / "many", dtype="float32", max_shard_size="40KB")
     shards = sorted(many.glob("*.safetensors"))
     assert len(shards) > 5 and shards[0].name == f"model-00001-of-{len(shards):05d}.safetensors"
     index = json.loads((many / "model.safetensors.index.json").read_text())
@@ -164,8 +168,24 @@ def test_dcp_folder_without_meta_and_mismatched_tensors_are_refused(tmp_path, ti
     torch.save({"ling": {"config": no_mtp}}, folder / "meta.pt")
     with pytest.raises(CheckpointError, match=r"'model.mtp_layers.0.*which is not a weight"):
         convert_checkpoint(folder, tmp_path / "out")
-    with pytest.raises(CheckpointError, match="dtype='int4' is not an export dtype"):
-        convert_checkpoint(folder, tmp_path / "out", dtype="int4")
+
+
+EXPORT_NAMES = "float32, bfloat16, float16, float8_e4m3fn"
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp32", "fp8", "int4"])
+def test_every_export_dtype_setting_takes_torch_names_only(tmp_path, name):
+    """The short names are refused with one sentence listing torch's names, the same for every setting."""
+    refusal = rf"={name!r} is not a dtype name; use one of {re.escape(EXPORT_NAMES)}"
+    with pytest.raises(ConfigError, match=rf"^dtype{refusal}\.$"):
+        convert_checkpoint(tmp_path / "missing.ckpt", tmp_path / "out", dtype=name)
+    with pytest.raises(ConfigError, match=rf"^dtype{refusal} \(or null\)\.$"):
+        merge_checkpoints([tmp_path / "missing.ckpt"], dtype=name, out=tmp_path / "out")
+    with pytest.raises(ConfigError, match=rf"^HFExport dtype{refusal} \(or null\)\.$"):
+        HFExport(dtype=name)
+    with pytest.raises(ConfigError, match=rf"^WSM dtype{refusal} \(or null\)\.$"):
+        WSM(interval=2, count=2, dtype=name)
+    assert not (tmp_path / "out").exists()
 
 
 # ---- blockwise fp8 ---------------------------------------------------------------------------------
@@ -254,7 +274,7 @@ def expected_fp8(key):
 
 def test_fp8_export_layout_values_and_logits(tmp_path, tiny_model):
     ckpt = write_ckpt(tmp_path / "a.ckpt", tiny_model)
-    out = convert_checkpoint(ckpt, tmp_path / "fp8", dtype="fp8", max_shard_size="30KB")
+    out = convert_checkpoint(ckpt, tmp_path / "fp8", dtype="float8_e4m3fn", max_shard_size="30KB")
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == {
         "quant_method": "fp8",
@@ -264,7 +284,7 @@ def test_fp8_export_layout_values_and_logits(tmp_path, tiny_model):
     }
     assert config["torch_dtype"] == "bfloat16"
     tensors = tensors_of(out)
-    source = tensors_of(convert_checkpoint(ckpt, tmp_path / "fp32", dtype="fp32"))
+    source = tensors_of(convert_checkpoint(ckpt, tmp_path / "fp32", dtype="float32"))
     weights = {k for k in tensors if not k.endswith("_scale_inv")}
     assert weights == set(source)
     fp8 = {k for k in weights if expected_fp8(k)}
@@ -319,8 +339,8 @@ def run_cli(*args):
 
 def test_cli_converts_a_checkpoint_and_refuses_bad_input(tmp_path, tiny_model):
     folder = write_dcp(tmp_path / "dcp", tiny_model)
-    result = run_cli("--checkpoint", folder, "--out", tmp_path / "hf", "--dtype", "fp8", "--max-shard-size", "100KB",
-                     "--tokenizer", "byte")  # fmt: skip
+    result = run_cli("--checkpoint", folder, "--out", tmp_path / "hf", "--dtype", "float8_e4m3fn",
+                     "--max-shard-size", "100KB", "--tokenizer", "byte")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
@@ -346,7 +366,7 @@ def test_cli_converts_a_checkpoint_and_refuses_bad_input(tmp_path, tiny_model):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--dtype", "fp4"], "error: argument --dtype: invalid choice: 'fp4'"),
+        (["--dtype", "fp8"], f"error: dtype='fp8' is not a dtype name; use one of {EXPORT_NAMES}."),
         (["--max-shard-size", "lots"], "error: max_shard_size='lots' is not a size"),
         (["--out", "{ckpt}"], "is the checkpoint itself"),
     ],

@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 from ling.data.curriculum import Stage
-from ling.data.datamodule import LingDataModule, SourceRows, cache_files
+from ling.data.datamodule import LingDataModule
 from ling.data.errors import DataError
+from ling.data.packing import SourceRows
 from ling.data.sources import SourceSpec
 from ling.data.tokenize import TokenStream, tokenize_source
 from ling.data.tokenizer import ByteTokenizer
@@ -42,6 +44,11 @@ def make(tmp_path, ranks=None, **kwargs):
     return data
 
 
+def cache_files(folder) -> list[Path]:
+    """The tokenised source files in a cache folder."""
+    return sorted(Path(folder).glob("*.arrow"))
+
+
 def source_of(row: torch.Tensor) -> str:
     text = row[row != EOS]
     return "low" if int(text[0]) < 97 else "high"
@@ -55,7 +62,8 @@ def test_packing_covers_every_token_once_in_order():
     assert stream.read(0, len(stream)).tolist() == flat
     rows = SourceRows("s", stream, end=len(stream))
     n = rows.count(3)
-    got = rows.rows(np.arange(n), 3, key=1)
+    got, trained = rows.rows(np.arange(n), 3, key=1)
+    assert trained.all()  # no loss mask: every token is trained
     # One epoch visits every row once, in a shuffled order; sorted by offset the labels are the stream.
     got = got[np.argsort([flat.index(int(r[0])) if r[0] != EOS else flat.index(int(r[1])) - 1 for r in got])]
     assert np.array_equal(got[:, :-1].reshape(-1), np.array(flat[: n * 3]))
@@ -64,7 +72,6 @@ def test_packing_covers_every_token_once_in_order():
 
 def test_tokenisation_is_cached(tmp_path):
     data = datasets.Dataset.from_dict({"text": ["alpha beta", "gamma"]})
-    data._fingerprint = "fixed-source"
 
     class Counting(ByteTokenizer):
         calls = 0
@@ -250,23 +257,23 @@ def test_tokenising_in_worker_processes_gives_the_same_ids(tmp_path):
 def test_a_far_step_draws_its_mixture_without_recursing_per_chunk():
     """A resumed run far into a stage draws the mixture counts of every earlier 1,024-step chunk (each
     chunk's draws-before start where the previous one ends) in a loop, not one call deeper per chunk;
-    the counts equal those of a plan that walked there chunk by chunk."""
+    the counts equal those of draws that walked there chunk by chunk."""
     import inspect
     import sys
 
     from ling.data.curriculum import Curriculum, Stage
-    from ling.data.datamodule import _CHUNK, MixturePlan
+    from ling.data.datamodule import _CHUNK, MixtureDraws
 
     curriculum = Curriculum([Stage(name="s", mixture={"a": 0.5, "b": 0.5})], ["a", "b"], 32, 2, 4)
     far = 150
-    walked = MixturePlan(curriculum, seed=3)
+    walked = MixtureDraws(curriculum, seed=3)
     for chunk in range(far + 1):
-        walked.at(curriculum.plan(chunk * _CHUNK))
+        walked.at(curriculum.at(chunk * _CHUNK))
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(len(inspect.stack()) + 60)  # far fewer frames than chunks
     try:
-        cold = MixturePlan(curriculum, seed=3).at(curriculum.plan(far * _CHUNK + 5))
+        cold = MixtureDraws(curriculum, seed=3).at(curriculum.at(far * _CHUNK + 5))
     finally:
         sys.setrecursionlimit(limit)
-    expected = walked.at(curriculum.plan(far * _CHUNK + 5))
+    expected = walked.at(curriculum.at(far * _CHUNK + 5))
     assert all(np.array_equal(a, b) for a, b in zip(cold, expected, strict=True))

@@ -368,7 +368,7 @@ def test_bad_inputs_are_one_sentence(tmp_path, model, monkeypatch):
         LingLM(pretrained=str(write_ckpt(tmp_path / "a.ckpt", model, tokenizer=False)))
     with pytest.raises(CheckpointError, match=r"is not a readable torch checkpoint"):
         LingLM(pretrained=str(tmp_path / "bare" / "config.json"))
-    with pytest.raises(EvalError, match=r"dtype='fp64' is not supported; use one of auto, float32, bfloat16"):
+    with pytest.raises(EvalError, match=r"='fp64' is not a dtype name; use one of auto, float32, bfloat16, float16\."):
         LingLM(pretrained=str(bare), tokenizer="byte", dtype="fp64")
     with pytest.raises(EvalError, match=r"batch_size='auto' is not supported"):
         LingLM(pretrained=str(bare), tokenizer="byte", batch_size="auto")

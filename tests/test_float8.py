@@ -1,4 +1,4 @@
-"""Float8 training (torchao) in one process on CPU: which modules the plan converts, the padded grouped
+"""Float8 training (torchao) in one process on CPU: which modules the float8 settings convert, the padded grouped
 GEMM against the unpadded one, the fp8 error, the tiny model's losses against bf16, and bad settings.
 
 On CPU the dense recipes run torchao's real fp8 casts; the experts run the emulated MXFP8 recipe
@@ -22,18 +22,18 @@ from ling import preset
 from ling.config import ConfigError
 from ling.model import build_model
 from ling.model.moe import GroupedExperts, Router
-from ling.parallel.float8 import Float8GroupedExperts, Float8Plan, apply_float8, convert_experts, pad_groups
+from ling.parallel.float8 import Float8Config, Float8GroupedExperts, apply_float8, convert_experts, pad_groups
 from ling.parallel.strategy import LingParallelStrategy
 
 ROOT = Path(__file__).resolve().parents[1]
-FP8_PLAN = Float8Plan(dense="rowwise", experts="mxfp8_emulated")
+FP8_SETTINGS = Float8Config(dense="rowwise", experts="mxfp8_emulated")
 
 
-def test_plan_converts_exactly_the_intended_modules():
+def test_settings_convert_exactly_the_intended_modules():
     torch.manual_seed(0)
     plain = build_model(preset("tiny"))
     model = copy.deepcopy(plain)
-    summary = apply_float8(model, FP8_PLAN)
+    summary = apply_float8(model, FP8_SETTINGS)
 
     linears = {name for name, m in plain.named_modules() if isinstance(m, nn.Linear)}
     assert "lm_head" in linears and len(linears) == 22  # 3 blocks + MTP: attention, MLPs, eh_proj; the head
@@ -69,7 +69,7 @@ def test_plan_converts_exactly_the_intended_modules():
 def test_skip_patterns_and_gemm_dims_keep_linears_in_high_precision():
     # intermediate_size 200 is not a multiple of 16: the dense MLP of layer 0 cannot run in fp8
     model = build_model(preset("tiny", intermediate_size=200))
-    apply_float8(model, Float8Plan(dense="tensorwise", skip=["*.attention.dense", "eh_proj"]))
+    apply_float8(model, Float8Config(dense="tensorwise", skip=["*.attention.dense", "eh_proj"]))
     kept = {name for name, m in model.named_modules() if type(m) is nn.Linear}
     assert kept == {
         "lm_head", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj",
@@ -179,7 +179,7 @@ def test_twenty_fp8_steps_track_bf16(bf16_losses, fp8_run):
 
 @pytest.mark.slow
 def test_fp8_composes_with_activation_checkpointing_and_compiled_blocks(fp8_run, caplog):
-    """The same plan with every block recomputed in backward and compiled: the same two first steps as
+    """The same float8 settings with every block recomputed in backward and compiled: the same two first steps as
     eager fp8, up to the rounding of inductor's fused kernels (it keeps bf16 intermediates in fp32)."""
     import torch._inductor.config
 
@@ -195,28 +195,28 @@ def test_fp8_composes_with_activation_checkpointing_and_compiled_blocks(fp8_run,
 
 def test_bad_settings_are_one_sentence():
     with pytest.raises(ConfigError, match=r"float8.dense='fp8' is not one of off, tensorwise, rowwise, rowwise_"):
-        Float8Plan(dense="fp8")
+        Float8Config(dense="fp8")
     with pytest.raises(ConfigError, match=r"float8.experts='rowwise' is not one of off, fp8_rowwise, mxfp8, "):
-        Float8Plan(experts="rowwise")
+        Float8Config(experts="rowwise")
     with pytest.raises(ConfigError, match="float8 has no setting 'recipe'; the settings are dense, experts and skip"):
         LingParallelStrategy(float8={"recipe": "rowwise"}).validate(1)
     with pytest.raises(ConfigError, match=r"float8.skip='lm_head' must be a list"):
-        Float8Plan(skip="lm_head")
+        Float8Config(skip="lm_head")
     cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match=r"float8.experts='fp8_rowwise' needs a CUDA GPU of compute capability 8.9"):
-        Float8Plan(experts="fp8_rowwise").check_device(cpu, compiled=True)
+        Float8Config(experts="fp8_rowwise").check_device(cpu, compiled=True)
     with pytest.raises(ConfigError, match=r"float8.experts='mxfp8' needs a CUDA GPU of compute capability 10.0"):
-        Float8Plan(experts="mxfp8").check_device(cpu, compiled=True)
-    Float8Plan(dense="rowwise", experts="mxfp8_emulated").check_device(cpu, compiled=False)  # runs on CPU
+        Float8Config(experts="mxfp8").check_device(cpu, compiled=True)
+    Float8Config(dense="rowwise", experts="mxfp8_emulated").check_device(cpu, compiled=False)  # runs on CPU
     model = build_model(preset("tiny", moe_intermediate_size=48))
     with pytest.raises(ConfigError, match="needs hidden_size and moe_intermediate_size divisible by 32, but "
                        "model.layers.1.mlp.experts has 64 and 48"):  # fmt: skip
-        apply_float8(model, Float8Plan(experts="mxfp8_emulated"))
+        apply_float8(model, Float8Config(experts="mxfp8_emulated"))
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """A CUDA device of a chosen compute capability, as far as the plan's device check can tell."""
+    """A CUDA device of a chosen compute capability, as far as the float8 device check can tell."""
 
     def install(capability):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -231,20 +231,20 @@ def test_device_rules_on_gpus(fake_gpu, monkeypatch):
 
     monkeypatch.setattr(float8, "_has_triton", lambda: True)
     h200 = fake_gpu((9, 0))
-    Float8Plan(dense="rowwise", experts="fp8_rowwise").check_device(h200, compiled=True)
+    Float8Config(dense="rowwise", experts="fp8_rowwise").check_device(h200, compiled=True)
     on_h200 = r"'mxfp8' needs .*10.0.*on Fake GPU \(compute capability 9.0\).*use fp8_rowwise"
     with pytest.raises(ConfigError, match=on_h200):
-        Float8Plan(experts="mxfp8").check_device(h200, compiled=True)
+        Float8Config(experts="mxfp8").check_device(h200, compiled=True)
     with pytest.warns(UserWarning, match="float8 is on without compiled blocks"):
-        Float8Plan(dense="rowwise").check_device(h200, compiled=False)
+        Float8Config(dense="rowwise").check_device(h200, compiled=False)
     a100 = fake_gpu((8, 0))
     with pytest.raises(ConfigError, match=r"float8.dense='tensorwise' needs a GPU of compute capability 8.9"):
-        Float8Plan(dense="tensorwise").check_device(a100, compiled=True)
+        Float8Config(dense="tensorwise").check_device(a100, compiled=True)
     with pytest.raises(ConfigError, match=r"'fp8_rowwise' needs .*8.9.*on Fake GPU \(compute capability 8.0\)"):
-        Float8Plan(experts="fp8_rowwise").check_device(a100, compiled=True)
+        Float8Config(experts="fp8_rowwise").check_device(a100, compiled=True)
     monkeypatch.setattr(float8, "_has_triton", lambda: False)
     with pytest.raises(ConfigError, match="float8.experts='fp8_rowwise' needs triton"):
-        Float8Plan(experts="fp8_rowwise").check_device(fake_gpu((9, 0)), compiled=True)
+        Float8Config(experts="fp8_rowwise").check_device(fake_gpu((9, 0)), compiled=True)
 
 
 def test_cli_refuses_a_recipe_the_device_cannot_run():

@@ -22,7 +22,7 @@ STEPS = 4
 STEP2 = "epoch=0-step=2.ckpt"
 # Both recipes scale each row (token) on its own in the forward GEMMs and in the input-gradient GEMMs, and
 # keep the weight gradients out of fp8, so no quantisation depends on how tokens are split between ranks.
-PLAN = {"dense": "rowwise_with_gw_hp", "experts": "mxfp8_emulated_wgrad_hp"}
+FP8 = {"dense": "rowwise_with_gw_hp", "experts": "mxfp8_emulated_wgrad_hp"}
 
 # The 2-rank and 1-rank runs still differ by more than fp32 reduction order (train_tiny.py's runs without
 # float8 agree to 1e-5). A last-bit difference from a reduction can flip a single fp8 (or bf16) rounding,
@@ -58,9 +58,9 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("float8")
     then_off = {"float8": {}, "ckpt_dir": str(tmp / "ck_off"), "export": str(tmp / "hf_off"),
                 "out": str(tmp / "off.pt")}  # fmt: skip
-    torchrun(2, "1,2,2", "--float8", json.dumps(PLAN), "--ckpt-dir", tmp / "ck_fp8", "--export", tmp / "hf_fp8",
+    torchrun(2, "1,2,2", "--float8", json.dumps(FP8), "--ckpt-dir", tmp / "ck_fp8", "--export", tmp / "hf_fp8",
              "--out", tmp / "fp8.pt", "--then", json.dumps(then_off))  # fmt: skip
-    torchrun(1, "1,1,1", "--float8", json.dumps(PLAN), "--out", tmp / "one.pt")
+    torchrun(1, "1,1,1", "--float8", json.dumps(FP8), "--out", tmp / "one.pt")
     return {"fp8": load(tmp / "fp8.pt"), "fp8, one rank": load(tmp / "one.pt"), "off": load(tmp / "off.pt"),
             "tmp": tmp}  # fmt: skip
 
@@ -72,8 +72,8 @@ def resumed(runs):
     tmp = runs["tmp"]
     ck_fp8, ck_off = str(tmp / "ck_fp8" / STEP2), str(tmp / "ck_off" / STEP2)
     then_off = {"float8": {}, "resume": ck_fp8, "out": str(tmp / "r_off.pt")}
-    then_fp8 = {"float8": PLAN, "resume": ck_off, "out": str(tmp / "r_fp8.pt")}
-    torchrun(2, "1,2,2", "--float8", json.dumps(PLAN), "--resume", ck_fp8, "--out", tmp / "r_same.pt",
+    then_fp8 = {"float8": FP8, "resume": ck_off, "out": str(tmp / "r_fp8.pt")}
+    torchrun(2, "1,2,2", "--float8", json.dumps(FP8), "--resume", ck_fp8, "--out", tmp / "r_same.pt",
              "--then", json.dumps(then_off), "--then", json.dumps(then_fp8))  # fmt: skip
     return {
         "fp8 saved, resumed fp8": load(tmp / "r_same.pt"),
@@ -126,7 +126,7 @@ def assert_states_equal(state: dict, reference: dict) -> None:
 @pytest.mark.slow
 def test_fp8_on_two_ranks_with_expert_parallelism_trains_like_one_process(runs):
     """Float8 with rowwise-scaled dense GEMMs and mxfp8 (emulated) expert GEMMs, both keeping the weight
-    gradient in high precision, under FSDP2 with ep=2 over 2 ranks, against the same plan in one process.
+    gradient in high precision, under FSDP2 with ep=2 over 2 ranks, against the same settings in one process.
     These recipes scale each row on its own, so the quantisation does not depend on how the tokens are split
     between ranks, and the runs agree up to the rounding effects described at LOSS_ATOL; a run with float8
     off lies far outside those tolerances, so the comparison would catch float8 silently off on either side."""

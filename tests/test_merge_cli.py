@@ -122,7 +122,7 @@ def test_bf16_merge_keeps_dtypes_and_equals_the_in_memory_merge(tmp_path, tiny_m
     assert torch.equal(module.model.lm_head.weight, result.state["lm_head.weight"])
     # ... and so do ling.convert's readers and the converter.
     assert open_checkpoint(tmp_path / "m.ckpt").shapes["lm_head.weight"][1] == torch.bfloat16
-    folder = convert_checkpoint(tmp_path / "m.ckpt", tmp_path / "hf", dtype="fp32")
+    folder = convert_checkpoint(tmp_path / "m.ckpt", tmp_path / "hf", dtype="float32")
     loaded = load_pretrained(folder)
     assert all(torch.equal(t, result.state[name].float()) for name, t in loaded.state_dict().items())
 
@@ -172,7 +172,7 @@ def test_cli_path_weight_lists(run_dir, tmp_path, capsys):
     folder, models = run_dir
     a, b = folder / "checkpoints" / "epoch=0-step=10.ckpt", folder / "checkpoints" / "epoch=0-step=30.ckpt"
     code, out, err = run(["--checkpoints", f"{a}:0.25", f"{b}:0.75", "--ckpt", tmp_path / "m.ckpt",
-                          "--out", tmp_path / "hf", "--dtype", "bf16"], capsys)  # fmt: skip
+                          "--out", tmp_path / "hf", "--dtype", "bfloat16"], capsys)  # fmt: skip
     assert code == 0, err
     assert "step=10.ckpt:0.25" in out and "wrote" in out
     names, weights, saved = merged_entry(tmp_path / "m.ckpt")

@@ -16,6 +16,7 @@ from lightning.pytorch.plugins.precision import HalfPrecision, Precision
 
 from ling.flops import training_flops_per_token
 from ling.lightning_module import LingModule
+from ling.parallel.strategy import LingParallelStrategy
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_SXM = "NVIDIA H100 80GB HBM3"  # what torch.cuda.get_device_name gives for an H100 SXM
@@ -27,9 +28,11 @@ def throughput_module(monkeypatch, device: str, name: str, peak=None, plugin=Non
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     module = LingModule(model="tiny", peak_flops_per_device=peak)
     strategy = SimpleNamespace(root_device=torch.device(device))
+    if plan is not None:  # LingParallelStrategy with this plan's param_dtype
+        strategy = LingParallelStrategy(param_dtype=plan.param_dtype)
+        strategy.validate(1)
+        strategy.parallel_devices = [torch.device(device)]
     module._trainer = SimpleNamespace(strategy=strategy, precision_plugin=plugin or Precision(), world_size=2)
-    if plan is not None:
-        module.parallel_plan = plan
     logged = {}
     monkeypatch.setattr(module, "log", lambda key, value, **kwargs: logged.__setitem__(key, value))
     module.on_fit_start()

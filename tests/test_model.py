@@ -57,8 +57,7 @@ def test_meta_then_to_empty_and_init(tiny_config):
 
 def test_init_weights_custom_std(tiny_config):
     torch.manual_seed(0)
-    model = build_model(tiny_config)
-    model.init_weights(std=0.05)
+    model = build_model(tiny_config.replace(initializer_range=0.05))
     w = model.model.word_embeddings.weight.double()
     assert w.std().item() == pytest.approx(0.05, rel=0.03)
     e = model.model.layers[1].mlp.experts.gate_proj.double()

@@ -114,7 +114,8 @@ def test_total_loss_composition(tiny_model, tiny_config):
     labels[0, 2] = IGNORE_INDEX
     with torch.no_grad():
         out = tiny_model(ids, labels=labels)
-        out_w = tiny_model(ids, labels=labels, mtp_loss_weight=0.7)
+        tiny_model.config = tiny_config.replace(mtp_loss_scaling_factor=0.7)
+        out_w = tiny_model(ids, labels=labels)
     main_targets = [(b, t, int(labels[b, t])) for b in range(B) for t in range(T) if labels[b, t] != IGNORE_INDEX]
     mtp_targets = [
         (b, t, int(labels[b, t + 1])) for b in range(B) for t in range(T - 1) if labels[b, t + 1] != IGNORE_INDEX

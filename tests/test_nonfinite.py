@@ -172,7 +172,14 @@ def test_the_guard_steps_like_the_optimizer_and_keeps_everything_when_not_finite
     [
         ({"grad_clip": -1.0}, "grad_clip=-1.0 must be positive, or null for no clipping."),
         ({"grad_clip": 0.0}, "grad_clip=0.0 must be positive, or null for no clipping."),
-        ({"init_std": -0.02}, "init_std=-0.02 must be positive, or null for the model's initializer_range."),
+        (
+            {"model_overrides": {"initializer_range": -0.02}},
+            "model_overrides.initializer_range=-0.02 must be positive (the std of the normal init).",
+        ),
+        (
+            {"model_overrides": {"mtp_loss_scaling_factor": -0.1}},
+            "model_overrides.mtp_loss_scaling_factor=-0.1 must be 0 or more.",
+        ),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs, message):

@@ -1,8 +1,11 @@
 """Packing keeps every token once and in order; document isolation cuts a row into independent documents."""
 
+import datasets
+import numpy as np
 import torch
 
-from ling.data.packing import document_ids, document_positions, pack_rows
+from ling.data.packing import SourceRows, document_ids, document_positions
+from ling.data.tokenize import TokenStream
 from ling.model.masks import document_causal_mask
 
 EOS = 256
@@ -10,13 +13,16 @@ EOS = 256
 
 def test_every_token_is_a_label_exactly_once_in_order():
     docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [11]]
-    rows = pack_rows(docs, seq_len=4, eos_id=EOS)
     stream = [1, 2, 3, EOS, 4, 5, EOS, 6, 7, 8, 9, 10, EOS, 11, EOS]
-    assert rows.shape == (3, 5)
+    tokens = TokenStream(datasets.Dataset.from_dict({"input_ids": [doc + [EOS] for doc in docs]}))
+    source = SourceRows("s", tokens, end=len(tokens))
+    assert source.count(4) == 3
+    rows, _ = source.rows(np.arange(3), seq_len=4, key=0)
+    rows = rows[np.argsort(rows[:, 0])]  # one epoch in a shuffled order; these rows start with rising tokens
     labels = rows[:, 1:].flatten().tolist()
     assert labels == stream[1:13]  # the tail that does not fill a row is dropped
     assert rows[:, :-1].flatten().tolist() == stream[:12]
-    assert pack_rows([[1]], seq_len=8, eos_id=EOS).shape == (0, 9)
+    assert SourceRows("s", TokenStream(datasets.Dataset.from_dict({"input_ids": [[1, EOS]]})), end=2).count(8) == 0
 
 
 def test_document_ids_positions_and_mask_by_hand():

@@ -16,7 +16,7 @@ from ling.checkpoint import load_pretrained
 from ling.config import ConfigError
 from ling.model import build_model
 from ling.parallel.expert_parallel import expert_major_order
-from ling.parallel.mesh import ParallelDims
+from ling.parallel.layout import ParallelDims
 from ling.parallel.strategy import LingParallelStrategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_sharded_run_exports_and_converts_to_the_same_model(runs):
 
     trained = build_model(preset("tiny"))
     trained.load_state_dict(runs["dp_shard=2, ep=2"]["state"])
-    converted = convert_checkpoint(runs["tmp"] / "ck_b" / "epoch=0-step=4.ckpt", runs["tmp"] / "hf_b", dtype="fp32")
+    converted = convert_checkpoint(runs["tmp"] / "ck_b" / "epoch=0-step=4.ckpt", runs["tmp"] / "hf_b", dtype="float32")
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = trained(ids).logits
@@ -103,8 +103,8 @@ def test_expert_major_order_by_hand():
     # Two source ranks, two local experts: received rows [r0e0 x2, r0e1 x1, r1e0 x1, r1e1 x3].
     received = torch.tensor([[2, 1], [1, 3]])
     # expert-major: e0 from r0 (rows 0, 1), e0 from r1 (row 3), e1 from r0 (row 2), e1 from r1 (rows 4-6)
-    assert expert_major_order(received).tolist() == [0, 1, 3, 2, 4, 5, 6]
-    assert expert_major_order(torch.tensor([[0, 0], [0, 2]])).tolist() == [0, 1]
+    assert expert_major_order(received, total=7).tolist() == [0, 1, 3, 2, 4, 5, 6]
+    assert expert_major_order(torch.tensor([[0, 0], [0, 2]]), total=2).tolist() == [0, 1]
 
 
 def test_bad_mesh_settings_fail_at_once():
@@ -114,10 +114,14 @@ def test_bad_mesh_settings_fail_at_once():
         L.Trainer(accelerator="cpu", devices=2, strategy=LingParallelStrategy(dp_shard=4), logger=False)
     with pytest.raises(ConfigError, match="needs 8 processes but the run has 4"):
         ParallelDims(dp_replicate=2, dp_shard=4).check(4)
-    with pytest.raises(ConfigError, match="num_experts=16 is not divisible by ep=32"):
+    with pytest.raises(ConfigError, match=r"ep=32 must divide num_experts=16 .* use one of \[1, 2, 4, 8, 16\]"):
         ParallelDims(dp_shard=32, ep=32).check(32, num_experts=16)
     with pytest.raises(ConfigError, match="activation_checkpointing='all' is not one of none, full, moe"):
         LingParallelStrategy(activation_checkpointing="all").validate(1)
+    with pytest.raises(ConfigError, match="param_dtype='bf16' is not a dtype name; use one of float32, bfloat16"):
+        LingParallelStrategy(param_dtype="bf16").validate(1)
+    with pytest.raises(ConfigError, match="dp_replicate=3 must divide the 4 processes; pick one of \\[1, 2, 4\\]"):
+        LingParallelStrategy(dp_replicate=3).validate(4)
     with pytest.raises(ConfigError, match="dp_replicate=0 must be a positive integer"):
         ParallelDims(dp_replicate=0)
 
@@ -132,6 +136,6 @@ def test_generation_under_the_layout_matches_one_process(runs, layout):
     model = build_model(preset("tiny"))
     model.load_state_dict(runs[layout]["state"])
     sample = SampleText(max_new_tokens=12)
-    fake = type("T", (), {"datamodule": make_data(), "is_global_zero": False})()
+    fake = type("T", (), {"datamodule": make_data(), "is_global_zero": False, "checkpoint_callbacks": []})()
     sample.on_train_end(fake, type("M", (), {"model": model, "device": torch.device("cpu")})())
     assert runs[layout]["sample"] == sample.text and len(sample.text) > len(sample.prompt)

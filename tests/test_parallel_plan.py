@@ -5,23 +5,29 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
 from parallel_setup import Record, make_data, make_module
 
 from ling.config import ConfigError
+from ling.model.dtensor import full
 from ling.model.moe import GroupedExperts
 from ling.parallel.strategy import LingParallelStrategy
 
 
-def train(strategy=None, steps=2):
+def train(strategy=None, steps=2, ckpt_dir=None, resume=None):
+    """Losses, full final weights and expert calls; with `ckpt_dir`, a checkpoint every 2 steps."""
     record, module = Record(), make_module()
     calls = []
+    callbacks = [record, Count(calls)]
+    if ckpt_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1))
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False, callbacks=[record, Count(calls)],
-        **({"strategy": strategy} if strategy else {}),
+        enable_model_summary=False, limit_val_batches=0, enable_checkpointing=ckpt_dir is not None,
+        callbacks=callbacks, default_root_dir=ckpt_dir, **({"strategy": strategy} if strategy else {}),
     )  # fmt: skip
-    trainer.fit(module, datamodule=make_data())
-    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in module.model.state_dict().items()}
+    trainer.fit(module, datamodule=make_data(), ckpt_path=resume)
+    state = {k: full(v) for k, v in module.model.state_dict().items()}
     if dist.is_initialized():  # the strategy's one-rank process group; later tests run without one
         dist.destroy_process_group()
     return record.losses, state, calls
@@ -54,8 +60,28 @@ def test_activation_checkpointing_recomputes_and_changes_nothing(plain, mode, re
     assert len(calls) == calls_per_micro_batch * 2 * 4  # 2 steps x 4 micro-batches
     assert len(plain[2]) == 2 * 4
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain[0]), rtol=0, atol=1e-6)
+    assert state.keys() == plain[1].keys()
     for name, value in plain[1].items():
         torch.testing.assert_close(state[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_checkpoints_move_between_activation_checkpointing_modes(tmp_path):
+    """A sharded checkpoint saved with every block recomputed holds the keys of one saved without (no
+    wrapper name among them), and resumes with the MoE parts recomputed to the same training."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    def strategy(mode):
+        return LingParallelStrategy(param_dtype=None, reduce_dtype=None, activation_checkpointing=mode)
+
+    reference, _, _ = train(strategy("none"), steps=4, ckpt_dir=tmp_path / "none")
+    train(strategy("full"), steps=2, ckpt_dir=tmp_path / "full")
+    step2 = "epoch=0-step=2.ckpt"
+    keys = {mode: set(FileSystemReader(tmp_path / mode / step2).read_metadata().state_dict_metadata)
+            for mode in ("none", "full")}  # fmt: skip
+    assert keys["full"] == keys["none"] and not any("_checkpoint_wrapped_module" in key for key in keys["full"])
+    resumed, _, _ = train(strategy("moe"), steps=4, resume=tmp_path / "full" / step2)
+    assert len(resumed) == 2
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference[2:]), rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -89,7 +115,11 @@ def test_pretrained_checkpoint_loads_into_the_sharded_model(tmp_path):
         enable_checkpointing=False, default_root_dir=tmp_path,
     )  # fmt: skip
     trainer.fit(module, datamodule=make_data())
-    loaded = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.model.state_dict().items()}
+    # the strategy's mesh reached the module as Lightning's `device_mesh`; every rank reads its own rows
+    assert module.device_mesh is trainer.strategy.device_mesh
+    assert module.device_mesh.mesh_dim_names == ("dp_replicate", "efsdp", "ep")
+    assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 1, "rank": 0}
+    loaded = {k: full(v) for k, v in module.model.state_dict().items()}
     assert loaded.keys() == source.state_dict().keys()
     for name, value in source.state_dict().items():
         assert torch.equal(loaded[name], value), name

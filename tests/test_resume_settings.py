@@ -105,12 +105,16 @@ def test_changed_settings_are_logged_once_each_and_used_from_the_first_step(tmp_
     first = FirstStep()
     module = make_module(
         optimizer=OptimizerConfig(lr=1e-3, weight_decay=0.05), bias_update_rate=0.002, grad_clip=0.5,
-        model_overrides={"rope_theta": 20000.0}, warmup_steps=4,
+        model_overrides={"rope_theta": 20000.0, "mtp_loss_scaling_factor": 0.2, "initializer_range": 0.01},
+        warmup_steps=4,
     )  # fmt: skip
     trainer(tmp_path, 3, [first]).fit(module, datamodule=data(), ckpt_path=checkpoint)
     assert sorted(resumed_lines(caplog)) == [
         "resuming with bias_update_rate=0.002 (the checkpoint was trained with 0.01)",
         "resuming with grad_clip=0.5 (the checkpoint was trained with 1.0)",
+        "resuming with initializer_range=0.01 (the checkpoint was trained with 0.006); not used, the weights come "
+        "from the checkpoint",
+        "resuming with mtp_loss_scaling_factor=0.2 (the checkpoint was trained with 0.1)",
         "resuming with optimizer.lr=0.001 (the checkpoint was trained with 0.0003)",
         "resuming with optimizer.weight_decay=0.05 (the checkpoint was trained with 0.1)",
         "resuming with rope_theta=20000.0 (the checkpoint was trained with 10000.0)",
@@ -124,6 +128,25 @@ def test_changed_settings_are_logged_once_each_and_used_from_the_first_step(tmp_
     # Each bias moves by rate x (sign - mean sign): at most 2 x 0.002 (at least 0.005 at the old 0.01).
     assert first.rate == 0.002 and 0 < first.bias_moved <= 2 * 0.002 + 1e-7
     assert first.theta == 20000.0 and module.grad_clip == 0.5
+    assert module.model.config.mtp_loss_scaling_factor == 0.2
+
+
+def test_a_checkpoint_whose_scheduler_kept_the_peak_as_its_base_rate_resumes_at_the_right_rate(tmp_path, checkpoint):
+    """Older checkpoints hold LambdaLR's base rate as the peak (3e-4); the schedule now gives the rate itself."""
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["lr_schedulers"][0]["base_lrs"] == [1.0, 1.0]
+    saved["lr_schedulers"][0]["base_lrs"] = [3e-4, 3e-4]
+    old = tmp_path / "old.ckpt"
+    torch.save(saved, old)
+    rates = []
+
+    class Rates(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            rates.append([g["lr"] for g in optimizer.param_groups])
+
+    trainer(tmp_path, 4, [Rates()]).fit(make_module(), datamodule=data(), ckpt_path=old)
+    # Steps 3 and 4 are past the 2 warmup steps: the WSM schedule's constant peak.
+    assert rates == [[pytest.approx(3e-4)] * 2] * 2
 
 
 def test_a_sharded_checkpoint_of_another_shape_is_one_sentence_before_loading(tmp_path):

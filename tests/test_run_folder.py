@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 
 import train
-from ling.run_folder import CSVLogger, RunFolderBusy, RunFolderError, claim_version, lock_run_folder
+from ling import run_folder
+from ling.run_folder import CSVLogger, RunFolderBusy, RunFolderError, claim_version, lock_run_folder, next_version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,9 +37,17 @@ def test_runs_started_together_claim_different_versions(tmp_path):
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [f"version_{i}" for i in range(8)]
 
 
+def test_the_next_version_is_one_past_the_highest_run_folder(tmp_path):
+    assert next_version(tmp_path / "missing") == 0
+    for name in ("version_0", "version_3", "version_x", "other"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "version_7").write_text("a file, not a run folder")
+    assert next_version(tmp_path) == 4
+
+
 def test_two_loggers_into_one_save_dir_write_apart(tmp_path, monkeypatch):
-    """Lightning's listing answers version 0 to both, as when two runs start at once; the second takes 1."""
-    monkeypatch.setattr(LightningCSVLogger, "_get_next_version", lambda self: 0)
+    """The listing answers version 0 to both, as when two runs start at once; the second takes 1."""
+    monkeypatch.setattr(run_folder, "next_version", lambda root: 0)
     first, second = CSVLogger(tmp_path, name="logs"), CSVLogger(tmp_path, name="logs")
     assert (first.version, second.version) == (0, 1)
     assert first.log_dir == str(tmp_path / "logs" / "version_0") and second.log_dir == str(

@@ -10,9 +10,9 @@ from torch import nn
 from ling.optim import OptimizerConfig, build_optimizer
 from ling.schedules import (
     BatchRamp,
+    LRSchedule,
     ScheduleConfig,
     build_scheduler,
-    global_batch_schedule,
     lr_multiplier,
     ramp_global_batch,
 )
@@ -77,25 +77,38 @@ def test_lambda_lr_on_adamw_sets_every_group():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     optimizer = build_optimizer(model, OptimizerConfig(lr=0.02))
-    optimizer.param_groups[1]["lr"] = 0.005  # a different peak per group
     cfg = ScheduleConfig(name="wsd", warmup_steps=10, decay_fraction=0.2, decay_shape="1-sqrt", min_lr_ratio=0.1)
-    scheduler = build_scheduler(optimizer, cfg, total_steps=100)
-    peaks = [0.02, 0.005]
+    scheduler = build_scheduler(optimizer, LRSchedule(cfg, 100, peak=0.02))
     expected = dict(zip(WSD_STEPS, WSD_EXPECTED["1-sqrt"]))
+    assert len(optimizer.param_groups) == 2
     for n in range(151):
         if n in expected:
-            for group, peak in zip(optimizer.param_groups, peaks):
-                assert group["lr"] == pytest.approx(peak * expected[n], rel=1e-12)
+            for group in optimizer.param_groups:
+                assert group["lr"] == pytest.approx(0.02 * expected[n], rel=1e-12)
         optimizer.step()
         scheduler.step()
 
 
-def test_scheduler_state_round_trips():
-    # Lightning saves scheduler.state_dict() in checkpoints: it must pickle, and resume at the same step.
-    model = nn.Linear(2, 2)
+def test_a_new_peak_is_used_from_the_next_step():
+    optimizer = build_optimizer(nn.Linear(2, 2), OptimizerConfig(lr=0.02))
     cfg = ScheduleConfig(name="wsm", warmup_steps=4)
+    schedule = LRSchedule(cfg, None, peak=0.02)
+    scheduler = build_scheduler(optimizer, schedule)
+    optimizer.step()
+    scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == [0.02 * 0.5] * 2  # step 1 of 4 warmup steps: 2 / 4
+    schedule.peak = 0.01
+    optimizer.step()
+    scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == [0.01 * 0.75] * 2
+
+
+def test_scheduler_state_round_trips():
+    # Lightning saves scheduler.state_dict() in checkpoints: it loads with weights_only=True and resumes at
+    # the same step; of the schedule it holds only the peak, so a resumed run keeps its own settings.
+    model = nn.Linear(2, 2)
     optimizer = build_optimizer(model, OptimizerConfig(lr=1.0))
-    scheduler = build_scheduler(optimizer, cfg, None)
+    scheduler = build_scheduler(optimizer, LRSchedule(ScheduleConfig(name="wsm", warmup_steps=4), None, 0.5))
     for _ in range(2):
         optimizer.step()
         scheduler.step()
@@ -103,11 +116,15 @@ def test_scheduler_state_round_trips():
     torch.save(scheduler.state_dict(), buffer)
     buffer.seek(0)
     fresh_optimizer = build_optimizer(model, OptimizerConfig(lr=1.0))
-    fresh = build_scheduler(fresh_optimizer, cfg, None)
-    fresh.load_state_dict(torch.load(buffer, weights_only=False))
+    fresh_schedule = LRSchedule(ScheduleConfig(name="wsm", warmup_steps=8), None, 2.0)
+    fresh = build_scheduler(fresh_optimizer, fresh_schedule)
+    state = torch.load(buffer, weights_only=True)
+    assert state["lr_lambdas"] == [{"peak": 0.5}] * len(optimizer.param_groups)
+    fresh.load_state_dict(state)
     fresh_optimizer.step()
     fresh.step()
-    assert fresh_optimizer.param_groups[0]["lr"] == 1.0  # step 3 of a 4-step warmup: 4 / 4
+    assert fresh_schedule.peak == 0.5 and fresh_schedule.config.warmup_steps == 8
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.5 * 0.5  # step 3 of the fresh 8-step warmup: 4 / 8
 
 
 @pytest.mark.parametrize(
@@ -134,7 +151,7 @@ def test_decaying_schedules_need_an_end(name):
     optimizer = build_optimizer(nn.Linear(2, 2), OptimizerConfig())
     for total in (None, -1):  # -1 is Lightning's "no max_steps"
         with pytest.raises(ValueError, match=f"'{name}' schedule needs an end step.*schedule.total_steps.*max_steps"):
-            build_scheduler(optimizer, cfg, total)
+            build_scheduler(optimizer, LRSchedule(cfg, total, 1.0))
     with pytest.raises(ValueError, match="warmup_steps=10 and total_steps=10"):
         lr_multiplier(cfg, 0, 10)
 
@@ -143,21 +160,21 @@ def test_batch_ramp_hand_example():
     # start 4, increment 2, target 10, 30 ramp samples: 3 increments, one every 10 samples.
     # consumed before each step: 0, 4, 8, 12, 18, 24, 32, 42 -> floor(c / 10) = 0, 0, 0, 1, 1, 2, 3, 4 (capped at 3).
     ramp = BatchRamp(start=4, increment=2, ramp_samples=30)
-    assert global_batch_schedule(ramp, 10, 8) == [4, 4, 4, 6, 6, 8, 10, 10]
+    assert [ramp_global_batch(ramp, 10, c) for c in (0, 4, 8, 12, 18, 24, 32, 42)] == [4, 4, 4, 6, 6, 8, 10, 10]
     assert [ramp_global_batch(ramp, 10, c) for c in (9, 10, 29, 30, 10**6)] == [4, 6, 8, 10, 10]
 
 
 def test_batch_ramp_uneven_increments():
     # start 2, increment 2, target 8, 10 ramp samples: 3 increments every 10/3 samples.
     # consumed 0, 2, 4, 8, 14, 22 -> floor(c * 3 / 10) = 0, 0, 1, 2, 4, 6 -> batch 2, 2, 4, 6, 8 (cap), 8.
-    assert global_batch_schedule(BatchRamp(2, 2, 10), 8, 6) == [2, 2, 4, 6, 8, 8]
+    assert [ramp_global_batch(BatchRamp(2, 2, 10), 8, c) for c in (0, 2, 4, 8, 14, 22)] == [2, 2, 4, 6, 8, 8]
     # Half the ramp (9 of 18 samples) of 14 increments is exactly 7 increments, which a float
     # floor(9 / (18 / 14)) would round down to 6.
     assert ramp_global_batch(BatchRamp(1, 1, 18), 15, 9) == 8
 
 
 def test_no_ramp_or_nothing_to_ramp_is_the_target():
-    assert global_batch_schedule(None, 10, 3) == [10, 10, 10]
+    assert [ramp_global_batch(None, 10, c) for c in (0, 10, 20)] == [10, 10, 10]
     assert ramp_global_batch(BatchRamp(10, 2, 30), 10, 0) == 10
     assert ramp_global_batch(BatchRamp(4, 2, 0), 10, 0) == 10
 

@@ -1,12 +1,19 @@
 """Sources through HF datasets: local formats read back exactly, chat rendering, clear errors."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
 
 from ling.data.errors import DataError
 from ling.data.sources import SourceSpec, load_source
+from ling.data.tokenize import cache_key
+from ling.data.tokenizer import ByteTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DOCS = ["first document\nwith two lines", "second", "third one, the last"]
 
@@ -42,10 +49,32 @@ def test_text_folders_and_globs(tmp_path):
 def test_bundled_sources():
     docs = texts(SourceSpec("arithmetic"))
     assert len(docs) == 20000 and docs[0].startswith("Q: ")
-    assert (
-        load_source("a", SourceSpec("arithmetic"))._fingerprint
-        == load_source("b", SourceSpec("arithmetic"))._fingerprint
+    assert key(SourceSpec("arithmetic")) == key(SourceSpec("arithmetic"))
+
+
+def key(spec: SourceSpec) -> str:
+    return cache_key(load_source("s", spec), ByteTokenizer(), "text", False)
+
+
+def test_the_cache_key_follows_the_documents_and_is_the_same_in_another_process(tmp_path):
+    """A rank or a later run reads the tokenised cache of an unchanged source (its key is the same in every
+    process, for bundled, file and saved sources alike); a source file that changed gets a new key."""
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(tmp_path / "saved"))
+    specs = [SourceSpec("pydoc"), SourceSpec(str(tmp_path / "a.jsonl")), SourceSpec(str(tmp_path / "saved")),
+             SourceSpec(str(tmp_path / "a.jsonl"), max_documents=2)]  # fmt: skip
+    here = [key(spec) for spec in specs]
+    assert len(set(here)) == len(here)
+    script = (
+        "import sys; from ling.data.sources import SourceSpec, load_source; from ling.data.tokenize import cache_key;"
+        "from ling.data.tokenizer import ByteTokenizer;"
+        f"specs = {[spec.__dict__ for spec in specs]!r};"
+        "print(*(cache_key(load_source('s', SourceSpec(**s)), ByteTokenizer(), 'text', False) for s in specs))"
     )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert run.stdout.split() == here
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in reversed(DOCS)))
+    assert key(specs[1]) != here[1] and key(specs[0]) == here[0]
 
 
 def test_bad_sources_name_the_problem(tmp_path):

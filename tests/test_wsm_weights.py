@@ -219,7 +219,7 @@ def test_chunked_add_matches_whole_tensor(monkeypatch):
     whole = MergeAccumulator(snaps[0])
     for w, s in zip(weights, snaps):
         whole.add(s, w)
-    monkeypatch.setattr(wsm, "_CHUNK", 16)
+    monkeypatch.setattr(wsm, "CAST_CHUNK", 16)
     chunked = MergeAccumulator(snaps[0])
     for w, s in zip(weights, snaps):
         chunked.add(s, w)

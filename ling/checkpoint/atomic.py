@@ -36,6 +36,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.distributed.checkpoint import CheckpointException
 
 from ling.checkpoint.hf import CheckpointError
 
@@ -100,10 +101,11 @@ def _os_error(exc: BaseException | None, seen: set[int]) -> OSError | None:
     seen.add(id(exc))
     if isinstance(exc, OSError) and exc.errno is not None:
         return exc
-    for failure in (getattr(exc, "failures", None) or {}).values():  # DCP's CheckpointException
-        found = _os_error(failure[0] if isinstance(failure, tuple) else failure, seen)
-        if found is not None:
-            return found
+    if isinstance(exc, CheckpointException):  # DCP's: each failed rank's (exception, traceback)
+        for failure, _ in exc.failures.values():
+            found = _os_error(failure, seen)
+            if found is not None:
+                return found
     return _os_error(exc.__cause__, seen) or _os_error(exc.__context__, seen)
 
 

@@ -25,30 +25,12 @@ from ling.checkpoint.fp8 import scale_shape as fp8_scale_shape
 from ling.checkpoint.hf import CheckpointError, parse_size, write_hf_folder
 from ling.checkpoint.keys import internal_to_hf
 from ling.config import LingConfig
+from ling.dtypes import dtype_name
 from ling.model.dtensor import full, is_sharded
 
-# The dtypes a user may ask an export for, under their short and their torch names.
-EXPORT_DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp8": FP8_DTYPE,
-}
 # Tensors that an fp8 export does not quantize are written in bf16, as in the released fp8 checkpoints.
 FP8_REST_DTYPE = torch.bfloat16
 READ_BYTES = 1 << 30  # tensors read (or gathered) per call, beyond a single larger tensor
-
-
-def export_dtype(name: str | None) -> torch.dtype | None:
-    """The torch dtype of an export dtype name (None: keep each tensor's own dtype)."""
-    if name is None:
-        return None
-    if name not in EXPORT_DTYPES:
-        raise CheckpointError(f"dtype={name!r} is not an export dtype; use one of {', '.join(EXPORT_DTYPES)}.")
-    return EXPORT_DTYPES[name]
 
 
 class TensorSource(abc.ABC):
@@ -58,6 +40,8 @@ class TensorSource(abc.ABC):
     shapes: dict[str, tuple[torch.Size, torch.dtype]]  # in the model's state-dict order
     writer: bool = True  # whether this process writes the files (rank 0 of a sharded model)
     read_bytes: int = READ_BYTES  # how much one `read` call fetches (a single larger tensor alone)
+    tokenizer: dict[str, Any] | None = None  # the tokenizer spec a checkpoint records ({"name": ..., ...})
+    ling_entry: dict[str, Any] | None = None  # the `ling` entry LingModule stores in its checkpoints
 
     @abc.abstractmethod
     def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor | None]:
@@ -146,16 +130,11 @@ def hf_stream(source: TensorSource, dtype: torch.dtype | None = None, read_bytes
             yield from _convert(name, tensors.pop(name), layers, dtype)
 
 
-def hf_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's weights under HF names, one expert at a time (sharded tensors are gathered)."""
-    yield from hf_stream(ModelSource(model), dtype)
-
-
 def _hf_config(source: TensorSource, dtype: torch.dtype | None, config: LingConfig | None) -> dict[str, Any]:
     if dtype is None:
         dtype = next((d for n, (_, d) in source.shapes.items() if not n.endswith("expert_bias")), torch.float32)
     written = FP8_REST_DTYPE if dtype == FP8_DTYPE else dtype
-    out = (config or source.config).replace(torch_dtype=str(written).removeprefix("torch.")).to_hf()
+    out = (config or source.config).replace(torch_dtype=dtype_name(written)).to_hf()
     if dtype == FP8_DTYPE:
         out["quantization_config"] = dict(QUANTIZATION_CONFIG)
     return out
@@ -174,9 +153,10 @@ def export_hf(
     """Write `source` as a Hugging Face folder: safetensors shards (+ index), the tokenizer's files,
     generation_config.json, and config.json last (with `auto_map` and the tokenizer's token ids).
 
-    dtype: None keeps each tensor's dtype, fp8 writes blockwise e4m3 projections (the rest bf16);
-    expert_bias stays fp32. `config` replaces the source's config in config.json (same shapes, e.g.
-    another rope_scaling). On a sharded model every rank must call this; rank 0 writes.
+    dtype: None keeps each tensor's dtype, torch.float8_e4m3fn writes 128x128 blockwise e4m3
+    projections (the rest bf16); expert_bias stays fp32. `config` replaces the source's config in
+    config.json (same shapes, e.g. another rope_scaling). On a sharded model every rank must call
+    this; rank 0 writes.
     """
     folder = Path(out)
     try:

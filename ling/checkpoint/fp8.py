@@ -67,29 +67,23 @@ def quantize_blockwise(w: torch.Tensor, block: int | tuple[int, int] = BLOCK) ->
 
 
 def dequantize_blockwise(
-    q: torch.Tensor, scale_inv: torch.Tensor, block: int | tuple[int, int] = BLOCK
-) -> torch.Tensor:
-    """float32 weight `q * scale_inv`, each scale applied to its (partial) block."""
-    br, bc = _blocks(block)
-    if q.dim() != 2 or tuple(scale_inv.shape) != scale_shape(q.shape, (br, bc)):
-        raise ValueError(
-            f"scale_inv of shape {tuple(scale_inv.shape)} does not match a {tuple(q.shape)} weight in "
-            f"{br}x{bc} blocks (expected {scale_shape(q.shape, (br, bc))})."
-        )
-    return dequantize_region(q, scale_inv, (br, bc))
-
-
-def dequantize_region(
     q: torch.Tensor, scale_inv: torch.Tensor, block: int | tuple[int, int] = BLOCK, offset: tuple[int, int] = (0, 0)
 ) -> torch.Tensor:
-    """float32 values of a rectangular region `q` of a blockwise-fp8 weight.
+    """float32 weight `q * scale_inv`, each scale applied to its (partial) block.
 
-    `scale_inv` holds the scales of the blocks the region touches; `offset` is where the region starts
-    inside its first block (row, column), so a rank can dequantise just the rows of its shard.
+    `q` is a whole weight, or a rectangular region of one: then `scale_inv` holds the scales of the blocks
+    the region touches and `offset` is where the region starts inside its first block (row, column), so a
+    rank can dequantise just the rows of its shard.
     """
     br, bc = _blocks(block)
     if q.dim() != 2:
         raise ValueError(f"blockwise fp8 needs a 2-D weight, got shape {tuple(q.shape)}.")
     (r, c), (rows, cols) = offset, q.shape
+    expected = scale_shape((r + rows, c + cols), (br, bc))
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(
+            f"scale_inv of shape {tuple(scale_inv.shape)} does not match a {tuple(q.shape)} weight in "
+            f"{br}x{bc} blocks (expected {expected})."
+        )
     scale = scale_inv.float().repeat_interleave(br, dim=0)[r : r + rows].repeat_interleave(bc, dim=1)[:, c : c + cols]
     return q.float() * scale

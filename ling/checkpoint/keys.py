@@ -34,6 +34,11 @@ def hf_to_internal(key: str, num_hidden_layers: int) -> tuple[str, int | None]:
     return prefix + rest, None
 
 
+def is_stacked_expert(name: str) -> bool:
+    """Whether a model tensor stacks the routed experts' weights (`...mlp.experts.gate_proj`, `[E, ...]`)."""
+    return _STACKED.fullmatch(name) is not None
+
+
 def internal_to_hf_name(name: str, num_hidden_layers: int, expert: int | None = None) -> str:
     mtp = _MTP.fullmatch(name)
     if mtp:
@@ -46,7 +51,7 @@ def internal_to_hf_name(name: str, num_hidden_layers: int, expert: int | None = 
 
 def internal_to_hf(name: str, tensor: torch.Tensor, num_hidden_layers: int) -> Iterator[tuple[str, torch.Tensor]]:
     """HF (key, tensor) pairs for one model tensor; a stacked expert weight yields one pair per expert."""
-    if _STACKED.fullmatch(name):
+    if is_stacked_expert(name):
         for e in range(tensor.shape[0]):
             yield internal_to_hf_name(name, num_hidden_layers, e), tensor[e]
     else:

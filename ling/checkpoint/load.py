@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 import torch
 
-from ling.checkpoint.fp8 import BLOCK, SCALE_SUFFIX, dequantize_region, scale_shape
-from ling.checkpoint.hf import DTYPES, CheckpointError, checkpoint_keys, open_safetensors, weight_files
-from ling.checkpoint.keys import hf_to_internal, internal_to_hf_name
+from ling.checkpoint.fp8 import BLOCK, FP8_DTYPE, SCALE_SUFFIX, dequantize_blockwise, scale_shape
+from ling.checkpoint.hf import SAFETENSORS_DTYPES, CheckpointError, checkpoint_keys, open_safetensors, weight_files
+from ling.checkpoint.keys import hf_to_internal, internal_to_hf_name, is_stacked_expert
 from ling.config import LingConfig
+from ling.dtypes import DTYPES
 from ling.model.dtensor import is_sharded
-from ling.model.model import LingForCausalLM, init_weights
+from ling.model.model import LingForCausalLM, build_model, init_weights
 
 log = logging.getLogger("ling.checkpoint")
-
-_STACKED = re.compile(r".*mlp\.experts\.(gate|up|down)_proj")
-_FP8_DTYPES = ("F8_E4M3",)
 
 
 def _resolve_layer_count(config: LingConfig, keys: dict[str, Path]) -> LingConfig:
@@ -70,9 +67,7 @@ def load_pretrained(
     config = pretrained_config(path, **config_overrides)
     if dtype is None:
         dtype = DTYPES.get(config.torch_dtype, torch.float32)
-    with torch.device("meta"):
-        model = LingForCausalLM(config)
-    model = model.to(dtype).to_empty(device=device)
+    model = build_model(config, device, dtype, init=False)
     load_hf_weights(model, path)
     return model
 
@@ -90,22 +85,27 @@ def _local_region(target: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], 
     return target.to_local(), tuple(chunks[0].offsets), tuple(chunks[0].sizes)
 
 
-class _Reader:
-    """Region reads from the safetensors files of one folder, dequantising blockwise fp8 on the way.
+class HFReader:
+    """Region reads from the safetensors files of one HF folder, dequantising blockwise fp8 on the way
+    (in the blocks its config.json's `quantization_config` names, 128x128 by default).
 
     One file is open (memory-mapped) at a time, and the keys are read file by file: the file pages a
     read touches count towards the process's memory until its file is closed, so at most one file's
     pages are ever mapped beside the model."""
 
-    def __init__(self, folder: Path, block: tuple[int, int]):
-        self.block = block
+    def __init__(self, folder: Path, config: LingConfig):
+        quantization = config.extra.get("quantization_config") or {}
+        self.block = tuple(quantization.get("weight_block_size", [BLOCK, BLOCK]))
         self.keys: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype | None] = {}  # as stored (None: a code no model tensor has)
         for file in weight_files(folder):
             with open_safetensors(file) as handle:
                 for key in handle.keys():
+                    part = handle.get_slice(key)
                     self.keys[key] = file
-                    self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+                    self.shapes[key] = tuple(part.get_shape())
+                    self.dtypes[key] = SAFETENSORS_DTYPES.get(part.get_dtype())
         self._file: Path | None = None
         self._handle = None
 
@@ -125,7 +125,7 @@ class _Reader:
         part = self._slice(key)
         region = tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))
         tensor = part[region] if region else part[:]
-        if part.get_dtype() not in _FP8_DTYPES:
+        if self.dtypes[key] != FP8_DTYPE:
             return tensor
         scale_key = key + SCALE_SUFFIX
         if scale_key not in self.keys:
@@ -143,15 +143,15 @@ class _Reader:
         scale_rows = slice(r0 // br, -(-(r0 + nr) // br))
         scale_cols = slice(c0 // bc, -(-(c0 + nc) // bc))
         scale_inv = self._slice(scale_key)[scale_rows, scale_cols]
-        return dequantize_region(tensor, scale_inv, self.block, (r0 % br, c0 % bc))
+        return dequantize_blockwise(tensor, scale_inv, self.block, (r0 % br, c0 % bc))
 
 
-def _expected_keys(model: LingForCausalLM) -> dict[str, tuple[str, int | None, tuple[int, ...]]]:
+def expected_keys(model: LingForCausalLM) -> dict[str, tuple[str, int | None, tuple[int, ...]]]:
     """HF key -> (model tensor name, expert index or None, full shape of that HF tensor)."""
     layers = model.config.num_hidden_layers
     out = {}
     for name, tensor in model.state_dict().items():
-        if _STACKED.fullmatch(name):
+        if is_stacked_expert(name):
             for e in range(tensor.shape[0]):
                 out[internal_to_hf_name(name, layers, e)] = (name, e, tuple(tensor.shape[1:]))
         else:
@@ -168,10 +168,9 @@ def load_hf_weights(model: LingForCausalLM, path: str | os.PathLike) -> None:
     warning); any other missing, extra or misshaped tensor is one CheckpointError sentence.
     """
     folder, config = Path(path), model.config
-    block = tuple((config.extra.get("quantization_config") or {}).get("weight_block_size", [BLOCK, BLOCK]))
-    expected = _expected_keys(model)
+    expected = expected_keys(model)
     targets = model.state_dict()
-    reader = _Reader(folder, block)
+    reader = HFReader(folder, config)
     scales = {k for k in reader.keys if k.endswith(SCALE_SUFFIX) and k.removesuffix(SCALE_SUFFIX) in reader.keys}
     stored = set(reader.keys) - scales
     _check_keys(stored, expected, reader, config)
@@ -220,7 +219,7 @@ def _only_mtp_missing(missing: list[str], expected: dict, stored: set[str]) -> b
     return all(is_mtp(key) for key in missing) and not any(key in stored for key in mtp_keys)
 
 
-def _check_keys(stored: set[str], expected: dict, reader: _Reader, config: LingConfig) -> None:
+def _check_keys(stored: set[str], expected: dict, reader: HFReader, config: LingConfig) -> None:
     skipped_mtp = []
     for key in sorted(stored - expected.keys()):
         name, expert = hf_to_internal(key, config.num_hidden_layers)

@@ -17,7 +17,6 @@ from ling.data.errors import DataError
 
 __all__ = [
     "BUNDLED",
-    "arithmetic_documents",
     "bundled_documents",
     "clean_play_markdown",
     "play_files",

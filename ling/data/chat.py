@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ling.data.errors import DataError
-from ling.data.tokenizer import document_end_id
+from ling.data.tokenizer import ByteTokenizer
 
 # What a chat source trains on: every token, or the assistant replies only.
 LOSSES = ("all", "assistant")
@@ -72,12 +72,11 @@ def _require_prefix(prefix: str, before: str, text: str, what: str, source: str,
 
 
 def chat_segments(tokenizer, messages: list[dict], source: str = "source") -> list[Segment]:
-    """The conversation's pieces: the tokenizer's own `chat_segments` where it has one (the byte
-    tokenizer), else `prefix_segments` over its `apply_chat_template`."""
+    """The conversation's pieces: the byte tokenizer's own `chat_segments`, else `prefix_segments` over the
+    tokenizer's `apply_chat_template`."""
     try:
-        own = getattr(tokenizer, "chat_segments", None)
-        if own is not None:
-            return own(messages)
+        if isinstance(tokenizer, ByteTokenizer):
+            return tokenizer.chat_segments(messages)
         return prefix_segments(tokenizer.apply_chat_template, messages, source)
     except DataError as e:
         raise _named(e, source) from e
@@ -88,7 +87,7 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], source: str
     on assistant replies (content and turn end) and 0 elsewhere, the document end included."""
     pieces = [chat_segments(tokenizer, messages, source) for messages in conversations]
     encoded = iter(tokenizer.encode_batch([text for segments in pieces for text, _ in segments]))
-    end = document_end_id(tokenizer)
+    end = tokenizer.document_end_id
     all_ids, all_masks = [], []
     for segments in pieces:
         ids, mask = [], []

@@ -41,8 +41,8 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class StepPlan:
-    """What optimizer step `step` trains on."""
+class StepShape:
+    """What optimizer step `step` trains on: its stage and batch shape (`Curriculum.at(step)`)."""
 
     step: int
     stage: int
@@ -122,6 +122,9 @@ def _check_settings(stage: Stage, last: bool) -> None:
 
 
 class Curriculum:
+    """The stage and batch shape of every optimizer step of a run on `ranks` data-parallel ranks
+    (`at(step)`), walked from step 0 on first use; the shapes of every stage are checked at construction."""
+
     def __init__(
         self,
         stages: list[Stage],
@@ -142,8 +145,8 @@ class Curriculum:
         for stage in stages:
             self._check_shapes(stage)
         # Walked lazily: stage, step-in-stage and tokens consumed before each step.
-        self._plans: list[StepPlan] = []
-        self._next = (0, 0, 0, 0)  # (step, stage, step_in_stage, tokens_before) of the next plan to build
+        self._steps: list[StepShape] = []
+        self._next = (0, 0, 0, 0)  # (step, stage, step_in_stage, tokens_before) of the next step to build
         self._stage_tokens = 0
 
     def _check_shapes(self, stage: Stage) -> None:
@@ -188,24 +191,25 @@ class Curriculum:
             )
         return T, rows_global, rows, rows_global // (rows * self.ranks)
 
-    def plan(self, step: int) -> StepPlan:
-        while len(self._plans) <= step:
-            self._plans.append(self._build_next())
-        return self._plans[step]
+    def at(self, step: int) -> StepShape:
+        """The stage and batch shape of optimizer step `step` (counted from 0)."""
+        while len(self._steps) <= step:
+            self._steps.append(self._build_next())
+        return self._steps[step]
 
-    def _build_next(self) -> StepPlan:
+    def _build_next(self) -> StepShape:
         step, index, in_stage, tokens_before = self._next
         stage = self.stages[index]
         batch = ramp_global_batch(self.ramp, self.global_batch_size, tokens_before // self.base_seq_len)
         T, rows_global, rows, micro = self.shape(stage, batch)
-        plan = StepPlan(step, index, in_stage, T, rows_global, rows, micro)
-        self._stage_tokens += plan.tokens
+        shape = StepShape(step, index, in_stage, T, rows_global, rows, micro)
+        self._stage_tokens += shape.tokens
         done = (stage.tokens is not None and self._stage_tokens >= stage.tokens) or (
             stage.steps is not None and in_stage + 1 >= stage.steps
         )
         if done and index + 1 < len(self.stages):
-            self._next = (step + 1, index + 1, 0, tokens_before + plan.tokens)
+            self._next = (step + 1, index + 1, 0, tokens_before + shape.tokens)
             self._stage_tokens = 0
         else:
-            self._next = (step + 1, index, in_stage + 1, tokens_before + plan.tokens)
-        return plan
+            self._next = (step + 1, index, in_stage + 1, tokens_before + shape.tokens)
+        return shape

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ling.data.curriculum import Curriculum, Stage, StepPlan, check_curriculum
+from ling.data.curriculum import Curriculum, Stage, StepShape, check_curriculum
 from ling.data.errors import DataError
-from ling.data.packing import document_ids, document_positions
+from ling.data.packing import SourceRows, document_ids, document_positions
 from ling.data.sampling import mixture_counts, permute, stable_key
 from ling.data.sources import SourceSpec, load_source
 from ling.data.tokenize import TokenStream, tokenize_source
-from ling.data.tokenizer import document_end_id, load_tokenizer
+from ling.data.tokenizer import load_tokenizer
 from ling.model.model import IGNORE_INDEX
 from ling.schedules import BatchRamp, check_ramp
 
@@ -51,38 +51,9 @@ def _settings(cls: type, value, what: str):
     return cls(**value)
 
 
-class SourceRows:
-    """The training part of one source's token stream, cut into rows of seq_len + 1 tokens.
-
-    Rows overlap by one token (inputs row[:-1], labels row[1:]), so consecutive rows cover every
-    token as a label once. Each epoch visits every row once, in a seeded order of its own.
-    """
-
-    def __init__(self, name: str, stream: TokenStream, end: int):
-        self.name, self.stream, self.end = name, stream, end
-
-    def count(self, seq_len: int) -> int:
-        return (self.end - 1) // seq_len
-
-    def rows(self, draws: np.ndarray, seq_len: int, key: int, with_loss: bool = False):
-        """Rows for the given draw numbers: draw k reads row perm_epoch(k % n) of epoch k // n; with_loss:
-        (rows, whether each token is trained) from the stream's loss mask."""
-        n = self.count(seq_len)
-        out = np.empty((len(draws), seq_len + 1), dtype=np.int64)
-        trained = np.ones(out.shape, dtype=bool)
-        epochs = draws // n
-        for epoch in np.unique(epochs):
-            at = epochs == epoch
-            rows = permute(draws[at] % n, n, stable_key(key, self.name, int(epoch)))
-            for slot, row in zip(np.flatnonzero(at), rows):
-                out[slot] = self.stream.read(int(row) * seq_len, seq_len + 1)
-                if with_loss and self.stream.has_loss_mask:
-                    trained[slot] = self.stream.read_loss(int(row) * seq_len, seq_len + 1)
-        return (out, trained) if with_loss else out
-
-
-class MixturePlan:
-    """Rows per source at each step of each stage, and the draws made before it (seeded, stateless)."""
+class MixtureDraws:
+    """Rows drawn from each source at each step of each stage, and the draws made before it (seeded,
+    stateless: the same counts in every process and every resume)."""
 
     def __init__(self, curriculum: Curriculum, seed: int):
         self.curriculum, self.seed = curriculum, seed
@@ -103,19 +74,19 @@ class MixturePlan:
             before = prev[-1] + counts[-1]
         rows = []
         for u in range(chunk * _CHUNK, (chunk + 1) * _CHUNK):
-            plan = self.curriculum.plan(first_step + u)
-            if plan.stage != stage:
+            shape = self.curriculum.at(first_step + u)
+            if shape.stage != stage:
                 break
-            rows.append(plan.global_rows)
+            rows.append(shape.global_rows)
         key = stable_key(self.seed, "mixture", stage, chunk)
         counts = mixture_counts(np.array(rows), np.array(self.curriculum.weights[stage]), key)
         self._chunks[(stage, chunk)] = (counts, before + np.cumsum(counts, axis=0) - counts)
 
-    def at(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
+    def at(self, step: StepShape) -> tuple[np.ndarray, np.ndarray]:
         """(rows drawn from each source at this step, draws from each source before it in the stage)."""
-        first = plan.step - plan.step_in_stage
-        counts, before = self._chunk(plan.stage, plan.step_in_stage // _CHUNK, first)
-        i = plan.step_in_stage % _CHUNK
+        first = step.step - step.step_in_stage
+        counts, before = self._chunk(step.stage, step.step_in_stage // _CHUNK, first)
+        i = step.step_in_stage % _CHUNK
         return counts[i], before[i]
 
 
@@ -223,7 +194,7 @@ class LingDataModule(L.LightningDataModule):
         name = tokenizer if tokenizer == "byte" else str(Path(tokenizer).resolve())
         self.tokenizer_spec = {"name": name, "eos_token": eos_token}
         self.curriculum: Curriculum | None = None
-        self.mixture_plan: MixturePlan | None = None
+        self.mixture_draws: MixtureDraws | None = None
         self.train_rows: list[SourceRows] = []
         self.val_streams: list[tuple[TokenStream, int]] = []
         self._streams: list[TokenStream] | None = None
@@ -262,7 +233,7 @@ class LingDataModule(L.LightningDataModule):
             self.batch_mode,
             self.default_mixture,
         )
-        self.mixture_plan = MixturePlan(self.curriculum, self.seed)
+        self.mixture_draws = MixtureDraws(self.curriculum, self.seed)
         if self.train_rows:
             return
         for stream in self._tokenized():
@@ -292,7 +263,7 @@ class LingDataModule(L.LightningDataModule):
         """Inputs, labels (and document ids/positions) from rows of seq_len + 1 tokens; tokens that
         `trained` (the rows' loss mask) marks False are no labels."""
         inputs, labels = windows[..., :-1], windows[..., 1:].clone()
-        eos = document_end_id(self.tokenizer)
+        eos = self.tokenizer.document_end_id
         if trained is not None:
             labels[~trained[..., 1:]] = IGNORE_INDEX
         if self.eod_mask_loss:
@@ -307,25 +278,25 @@ class LingDataModule(L.LightningDataModule):
 
     def step_batch(self, step: int, rank: int) -> dict:
         """Rank `rank`'s micro-batches of optimizer step `step`: [micro-batches, rows, seq_len]."""
-        plan = self.curriculum.plan(step)
-        counts, before = self.mixture_plan.at(plan)
+        shape = self.curriculum.at(step)
+        counts, before = self.mixture_draws.at(shape)
         sources = np.repeat(np.arange(len(counts)), counts)
         draws = np.concatenate([np.arange(b, b + c) for b, c in zip(before, counts)])
         # Interleave the sources over the step's row slots; slot = (micro-batch, rank, row).
-        order = permute(np.arange(plan.global_rows), plan.global_rows, stable_key(self.seed, "slots", step))
-        slots = np.arange(plan.micro_batches * plan.rows)
-        micro, row = slots // plan.rows, slots % plan.rows
-        mine = order[micro * (self.curriculum.ranks * plan.rows) + rank * plan.rows + row]
-        windows = np.empty((len(mine), plan.seq_len + 1), dtype=np.int64)
+        order = permute(np.arange(shape.global_rows), shape.global_rows, stable_key(self.seed, "slots", step))
+        slots = np.arange(shape.micro_batches * shape.rows)
+        micro, row = slots // shape.rows, slots % shape.rows
+        mine = order[micro * (self.curriculum.ranks * shape.rows) + rank * shape.rows + row]
+        windows = np.empty((len(mine), shape.seq_len + 1), dtype=np.int64)
         trained = np.ones(windows.shape, dtype=bool)
-        key = stable_key(self.seed, "rows", plan.stage)
+        key = stable_key(self.seed, "rows", shape.stage)
         for j, source in enumerate(self.train_rows):
             at = np.flatnonzero(sources[mine] == j)
             if at.size:
-                windows[at], trained[at] = source.rows(draws[mine[at]], plan.seq_len, key, with_loss=True)
-        shape = (plan.micro_batches, plan.rows, plan.seq_len + 1)
-        batch = self._finish(torch.from_numpy(windows).view(shape), torch.from_numpy(trained).view(shape))
-        batch["stage"] = plan.stage
+                windows[at], trained[at] = source.rows(draws[mine[at]], shape.seq_len, key)
+        dims = (shape.micro_batches, shape.rows, shape.seq_len + 1)
+        batch = self._finish(torch.from_numpy(windows).view(dims), torch.from_numpy(trained).view(dims))
+        batch["stage"] = shape.stage
         batch["source_rows"] = torch.from_numpy(counts.copy())
         return batch
 
@@ -377,15 +348,10 @@ class LingDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         # One batch is one optimizer step, so the steps taken are the batches consumed.
         steps = self.trainer.global_step if self.trainer is not None else self._start
-        stage = self.stages[self.curriculum.plan(steps).stage].name if self.curriculum else None
+        stage = self.stages[self.curriculum.at(steps).stage].name if self.curriculum else None
         return {"steps": steps, "seed": self.seed, "stage": stage}
 
     def load_state_dict(self, state: dict) -> None:
         self._start = int(state["steps"])
         if state.get("seed", self.seed) != self.seed:
             raise DataError(f"the checkpoint's data seed {state['seed']} differs from data.seed={self.seed}.")
-
-
-def cache_files(cache_dir: str | Path) -> list[Path]:
-    """The tokenised source files in a cache folder (for inspection and tests)."""
-    return sorted(Path(cache_dir).glob("*.arrow"))

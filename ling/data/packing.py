@@ -1,9 +1,10 @@
-"""Packing documents into fixed-length training rows, and the document boundaries inside a row.
+"""Packing a source's token stream into fixed-length training rows, and the document boundaries inside a row.
 
-Documents are joined into one stream with a document end after each, and the stream is cut into rows
-of seq_len + 1 tokens that overlap by one: inputs are row[:-1], labels row[1:], so every token of the
-stream is a label exactly once, in order. Ling trains without isolating documents (a row attends
-across its document ends); `document_ids` gives what document isolation needs.
+A source's documents are one stream with a document end after each (`ling.data.tokenize.TokenStream`),
+cut into rows of seq_len + 1 tokens that overlap by one: inputs are row[:-1], labels row[1:], so every
+token of the stream is a label exactly once per epoch. Ling trains without isolating documents (a row
+attends across its document ends); `document_ids` and `document_positions` give what document
+isolation needs.
 
 The document end (`eos_id` here) is the tokenizer's `document_end_id`: its EOS, except for a chat
 tokenizer whose EOS ends every turn (Ling's `<|role_end|>`), where it is `<|endoftext|>`, so that a
@@ -12,26 +13,42 @@ conversation is one document and not one per turn.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-
+import numpy as np
 import torch
 
-
-def pack_stream(documents: Iterable[list[int]], eos_id: int) -> Iterator[int]:
-    """The documents' ids, each followed by the document end `eos_id`."""
-    for doc in documents:
-        yield from doc
-        yield eos_id
+from ling.data.sampling import permute, stable_key
+from ling.data.tokenize import TokenStream
 
 
-def pack_rows(documents: Iterable[list[int]], seq_len: int, eos_id: int) -> torch.Tensor:
-    """[rows, seq_len + 1]: consecutive windows of the stream `pack_stream` joins, sharing one token at
-    each seam; the tail that does not fill a row is dropped."""
-    stream = torch.tensor(list(pack_stream(documents, eos_id)), dtype=torch.long)
-    rows = (stream.numel() - 1) // seq_len
-    if rows == 0:
-        return stream.new_empty(0, seq_len + 1)
-    return stream.unfold(0, seq_len + 1, seq_len)[:rows]
+class SourceRows:
+    """The training part of one source's token stream (its first `end` tokens), cut into rows of
+    seq_len + 1 tokens.
+
+    Rows overlap by one token (inputs row[:-1], labels row[1:]), so consecutive rows cover every
+    token as a label once. Each epoch visits every row once, in a seeded order of its own.
+    """
+
+    def __init__(self, name: str, stream: TokenStream, end: int):
+        self.name, self.stream, self.end = name, stream, end
+
+    def count(self, seq_len: int) -> int:
+        return (self.end - 1) // seq_len
+
+    def rows(self, draws: np.ndarray, seq_len: int, key: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, whether each of their tokens is trained) for the given draw numbers: draw k reads row
+        perm_epoch(k % n) of epoch k // n; the second array is the stream's loss mask (all True without one)."""
+        n = self.count(seq_len)
+        out = np.empty((len(draws), seq_len + 1), dtype=np.int64)
+        trained = np.ones(out.shape, dtype=bool)
+        epochs = draws // n
+        for epoch in np.unique(epochs):
+            at = epochs == epoch
+            rows = permute(draws[at] % n, n, stable_key(key, self.name, int(epoch)))
+            for slot, row in zip(np.flatnonzero(at), rows):
+                out[slot] = self.stream.read(int(row) * seq_len, seq_len + 1)
+                if self.stream.has_loss_mask:
+                    trained[slot] = self.stream.read_loss(int(row) * seq_len, seq_len + 1)
+        return out, trained
 
 
 def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:

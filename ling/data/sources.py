@@ -9,7 +9,6 @@ setup as one `DataError` sentence naming the source.
 from __future__ import annotations
 
 import glob
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,12 +96,7 @@ def _format_of(name: str, spec: SourceSpec) -> str:
 
 def _load(name: str, spec: SourceSpec, kind: str) -> datasets.Dataset:
     if kind == "bundled":
-        documents = bundled_documents(spec.path)
-        data = datasets.Dataset.from_dict({"text": documents})
-        # An in-memory dataset gets a random fingerprint; a content hash keeps the token cache valid across runs.
-        digest = hashlib.sha256("\x00".join(documents).encode()).hexdigest()[:16]
-        data._fingerprint = f"bundled-{spec.path}-{digest}"
-        return data
+        return datasets.Dataset.from_dict({"text": bundled_documents(spec.path)})
     if kind == "disk":
         loaded = datasets.load_from_disk(spec.path)
         if isinstance(loaded, datasets.DatasetDict):
@@ -149,8 +143,10 @@ def load_source(name: str, spec: SourceSpec) -> datasets.Dataset:
             f"source {name!r} has no column {field!r}; its columns are {', '.join(data.column_names)} "
             f"(set {'messages_field' if spec.messages_field else 'text_field'})."
         )
-    if spec.messages_field is None and getattr(data.features[field], "dtype", None) not in ("string", "large_string"):
-        raise DataError(f"source {name!r}: column {field!r} holds {data.features[field]}, not text.")
+    feature = data.features[field]
+    text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    if spec.messages_field is None and not text:
+        raise DataError(f"source {name!r}: column {field!r} holds {feature}, not text.")
     if spec.max_documents is not None:
         data = data.select(range(min(spec.max_documents, len(data))))
     if len(data) == 0:

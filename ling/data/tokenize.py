@@ -4,9 +4,9 @@ Each document becomes its token ids followed by the tokenizer's document end (`d
 or `<|endoftext|>` for a chat tokenizer whose EOS ends every turn). A chat source trained on its
 assistant replies only (loss="assistant") also gets a `loss_mask` column, 1 where a token is trained,
 parallel to `input_ids`. The cached Arrow file is keyed by the source's fingerprint and the tokenizer's,
-so a second run (or another rank) reads it instead of tokenising again. The stream view concatenates the
-cached documents without copying them out of the memory-mapped file, so sources far larger than RAM can
-be sampled.
+so a second run (or another rank) reads it instead of tokenising again, and a changed source file or
+tokenizer is tokenised anew. The stream view concatenates the cached documents without copying them out
+of the memory-mapped file, so sources far larger than RAM can be sampled.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from datasets.fingerprint import generate_fingerprint
 
 from ling.data.chat import LOSSES, encode_conversations, render_conversation
 from ling.data.errors import DataError
-from ling.data.tokenizer import document_end_id
 
 PIPELINE_VERSION = 2  # bump when the tokenised layout changes, to invalidate old caches
 LOSS_MASK = "loss_mask"
@@ -43,12 +43,19 @@ class _Encode:
             return {"input_ids": ids, LOSS_MASK: masks}
         if self.chat:
             texts = [render_conversation(self.tokenizer, messages, self.name) for messages in texts]
-        end = document_end_id(self.tokenizer)
+        end = self.tokenizer.document_end_id
         return {"input_ids": [ids + [end] for ids in self.tokenizer.encode_batch(texts)]}
 
 
 def cache_key(data: datasets.Dataset, tokenizer, field: str, chat: bool, loss: str = "all") -> str:
-    text = f"{data._fingerprint}|{tokenizer.fingerprint()}|{field}|{chat}|{loss}|{PIPELINE_VERSION}"
+    """The name of a source's tokenised cache: its documents, the tokenizer and how they are tokenised.
+
+    The documents' part is `datasets`' own fingerprint of the dataset as it is: a hash of the rows of an
+    in-memory dataset, or of the paths and modification times of the Arrow files behind one on disk (a saved
+    dataset's own, or those `datasets` writes anew from a changed json/parquet/text file). `datasets` has
+    no public reader of `Dataset._fingerprint`.
+    """
+    text = f"{generate_fingerprint(data)}|{tokenizer.fingerprint()}|{field}|{chat}|{loss}|{PIPELINE_VERSION}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

@@ -48,9 +48,10 @@ class Tokenizer(Protocol):
     `encode_batch` never add BOS/EOS or other special tokens (the packer appends the document end itself);
     `decode` leaves special tokens out; `fingerprint` is a hex digest that changes whenever the ids would.
 
-    `eos_token_id` is the model-facing end (generation stops there; exported configs name it). A tokenizer
-    may also have a `document_end_id`, the token after every training document, where it differs from EOS
-    (a chat tokenizer whose EOS ends each turn); `document_end_id(tokenizer)` reads it, EOS by default.
+    `eos_token_id` is the model-facing end (generation stops there; exported configs name it);
+    `document_end_id` is the token after every training document: the EOS, or another token where a chat
+    tokenizer's EOS ends each turn. `bos_token_id` is None where the tokenizer has no BOS. `to_hf` gives
+    the Hugging Face form (written beside exported weights).
     """
 
     @property
@@ -60,7 +61,13 @@ class Tokenizer(Protocol):
     def vocab_size(self) -> int: ...
 
     @property
+    def bos_token_id(self) -> int | None: ...
+
+    @property
     def eos_token_id(self) -> int: ...
+
+    @property
+    def document_end_id(self) -> int: ...
 
     @property
     def pad_token_id(self) -> int: ...
@@ -74,6 +81,8 @@ class Tokenizer(Protocol):
     def apply_chat_template(self, messages: list[dict]) -> str: ...
 
     def fingerprint(self) -> str: ...
+
+    def to_hf(self) -> PreTrainedTokenizerBase: ...
 
 
 class ByteTokenizer:
@@ -295,7 +304,7 @@ class HFTokenizer:
             "eos": [tok.eos_token, self.eos_token_id],
             "pad": [tok.pad_token, self.pad_token_id],
             "document_end": [self.document_end_token, self.document_end_id],
-            "split_special_tokens": bool(getattr(tok, "split_special_tokens", False)),
+            "split_special_tokens": bool(tok.split_special_tokens),
             "chat_template": tok.chat_template,
         }
         return _sha256(json.dumps(state, sort_keys=True, ensure_ascii=False))
@@ -307,17 +316,11 @@ class HFTokenizer:
         )
 
 
-def document_end_id(tokenizer: Tokenizer) -> int:
-    """The id that ends every training document: the tokenizer's `document_end_id`, else its EOS."""
-    end = getattr(tokenizer, "document_end_id", None)
-    return tokenizer.eos_token_id if end is None else end
-
-
 def special_token_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
     """`bos_token_id`, `eos_token_id` and `pad_token_id` of a tokenizer, None where it has none (the byte
     tokenizer has no BOS), under the names a Hugging Face config uses."""
     return {
-        "bos_token_id": getattr(tokenizer, "bos_token_id", None),
+        "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
@@ -331,13 +334,12 @@ def save_hf_tokenizer(tokenizer: Tokenizer, folder: str | os.PathLike) -> list[s
     beside the folder's own files and renamed into place one by one, so none is ever half-written; tokenizer
     files of an earlier tokenizer in the folder are removed afterwards.
     """
-    to_hf = getattr(tokenizer, "to_hf", None)
-    if to_hf is None:
+    if not isinstance(tokenizer, (ByteTokenizer, HFTokenizer)):
         raise DataError(
             f"tokenizer {tokenizer!r} cannot be written as Hugging Face files; use the byte tokenizer or a "
             "Hugging Face tokenizer (load_tokenizer)."
         )
-    hf = to_hf()
+    hf = tokenizer.to_hf()
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=target))

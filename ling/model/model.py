@@ -124,9 +124,10 @@ class LingForCausalLM(nn.Module):
         self.model.rotary_emb.set_rope(rope_theta, rope_scaling)
         self.config = self.model.rotary_emb.config
 
-    def init_weights(self, std: float | None = None) -> None:
-        """Initialise every weight; works after `to_empty()` on a model built on the meta device."""
-        init_weights(self, self.config.initializer_range if std is None else std)
+    def init_weights(self) -> None:
+        """Initialise every weight with the config's initializer_range; works after `to_empty()` on a
+        model built on the meta device."""
+        init_weights(self, self.config.initializer_range)
 
     def forward(
         self,
@@ -135,11 +136,11 @@ class LingForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        mtp_loss_weight: float | None = None,
         loss_chunk: int | None = None,
     ) -> LingOutput:
         """input_ids [B, T]; labels [B, T] are the next tokens (labels[:, t] follows input_ids[:, t]),
-        IGNORE_INDEX where no loss is wanted. MTP layers run when labels are given.
+        IGNORE_INDEX where no loss is wanted. MTP layers run when labels are given; their mean loss is
+        weighted by the config's mtp_loss_scaling_factor.
 
         loss_chunk: with labels, compute the losses `loss_chunk` tokens at a time and return no
         logits (training); None keeps the whole logits (evaluation, tests)."""
@@ -172,8 +173,7 @@ class LingForCausalLM(nn.Module):
                 out.mtp_losses.append(self._loss(logits, hidden, mtp_labels, loss_chunk))
             out.loss = out.main_loss
             if out.mtp_losses:
-                weight = self.config.mtp_loss_scaling_factor if mtp_loss_weight is None else mtp_loss_weight
-                out.loss = out.loss + weight * torch.stack(out.mtp_losses).mean()
+                out.loss = out.loss + self.config.mtp_loss_scaling_factor * torch.stack(out.mtp_losses).mean()
         aux = [s.aux_loss for s in stats if s.aux_loss is not None]
         if aux:
             out.aux_loss = torch.stack(aux).sum()
@@ -190,15 +190,27 @@ class LingForCausalLM(nn.Module):
 
 
 def build_model(
-    config: LingConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    config: LingConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, init: bool = True
 ) -> LingForCausalLM:
-    """Construct on the meta device (no allocation), then materialise and initialise on `device`."""
+    """The one way to construct a `LingForCausalLM`: built on the meta device (no allocation), then
+    materialised on `device`.
+
+    With `init`, the weights are initialised in fp32 (`init_weights`, the config's std) and then cast to
+    `dtype`. Without, they are allocated directly in `dtype` and left uninitialised for a caller that
+    fills every state-dict tensor (a checkpoint load); the rope buffers, which no checkpoint holds, are
+    computed. `device="meta"` returns the unmaterialised model (shapes only, in `dtype` if given), e.g.
+    to parallelise it before materialising. The router's expert_bias stays fp32 in every dtype.
+    """
     with torch.device("meta"):
         model = LingForCausalLM(config)
-    if str(device) == "meta":
-        return model
-    model = model.to_empty(device=device)
-    model.init_weights()
+    meta = str(device) == "meta"
+    if init and not meta:
+        model = model.to_empty(device=device)
+        model.init_weights()
+        return model if dtype is None else model.to(dtype)
     if dtype is not None:
         model = model.to(dtype)
+    if not meta:
+        model = model.to_empty(device=device)
+        model.model.rotary_emb.reset_parameters()
     return model

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ling.config import LingConfig
+from ling.config import ROUTER_DTYPES, LingConfig
 from ling.model.dtensor import local
 from ling.model.mlp import SwiGLU
 
@@ -44,7 +44,6 @@ class Router(nn.Module):
     """
 
     expert_bias: torch.Tensor | None
-    DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64}
 
     def __init__(self, config: LingConfig):
         super().__init__()
@@ -54,7 +53,7 @@ class Router(nn.Module):
         self.topk_group = config.topk_group
         self.scaling = config.routed_scaling_factor
         self.norm_topk_prob = config.norm_topk_prob
-        self.compute_dtype = self.DTYPES[config.router_dtype]
+        self.compute_dtype: torch.dtype = getattr(torch, ROUTER_DTYPES[config.router_dtype])
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         # Updated by the aux-loss-free balancing rule, never by gradients; saved in checkpoints.
         bias = torch.zeros(config.num_experts, dtype=torch.float32) if config.moe_router_enable_expert_bias else None

@@ -13,22 +13,23 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+
+# torch's differentiable functional all-to-all, in an underscore module in torch 2.13 (torchtitan's expert
+# parallelism uses the same one)
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 
-def expert_major_order(received: torch.Tensor, total: int | None = None) -> torch.Tensor:
+def expert_major_order(received: torch.Tensor, total: int) -> torch.Tensor:
     """Row order that turns a receive buffer laid out [source rank][local expert] into expert-major
-    [local expert][source rank]. received: [ep, local experts] row counts; total: their sum, when the
-    host knows it already (the dispatch does), so that no shape here waits for the device."""
+    [local expert][source rank]. received: [ep, local experts] row counts; total: their sum, which the
+    host knows already (the dispatch's split sizes), so that no shape here waits for the device."""
     counts = received.flatten()
     starts = (torch.cumsum(counts, 0) - counts).view_as(received)
     lengths = received.t().flatten()  # segments in expert-major order
     seg_starts = starts.t().flatten()
-    if total is None:
-        total = int(counts.sum())  # reads the counts on the host; the dispatch passes the total instead
     within = torch.arange(total, device=received.device)
     within = within - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths, output_size=total)
     return torch.repeat_interleave(seg_starts, lengths, output_size=total) + within

@@ -44,7 +44,7 @@ GEMM_DIM_MULTIPLE = 16
 
 
 @dataclass
-class Float8Plan:
+class Float8Config:
     """dense: recipe for the Linears (off, tensorwise, rowwise, rowwise_with_gw_hp); experts: recipe
     for the routed experts' grouped GEMMs (off, fp8_rowwise, mxfp8, mxfp8_wgrad_hp, mxfp8_emulated,
     mxfp8_emulated_wgrad_hp; `_wgrad_hp` keeps the weight gradient in high precision, `emulated`
@@ -65,8 +65,8 @@ class Float8Plan:
         self.skip = list(self.skip)
 
     @classmethod
-    def parse(cls, value: Float8Plan | dict | None) -> Float8Plan:
-        """A plan from its YAML mapping; an unknown key is named."""
+    def parse(cls, value: Float8Config | dict | None) -> Float8Config:
+        """The settings from their YAML mapping; an unknown key is named."""
         if isinstance(value, cls):
             return value
         value = dict(value or {})
@@ -84,7 +84,7 @@ class Float8Plan:
         return EXPERT_RECIPES[self.experts][0]
 
     def check_device(self, device: torch.device, compiled: bool) -> None:
-        """One sentence when this device cannot run the plan; a warning when it will run slowly."""
+        """One sentence when this device cannot run these settings; a warning when they will run slowly."""
         if not self.enabled:
             return
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
@@ -151,6 +151,7 @@ class Float8GroupedExperts(GroupedExperts):
 
     row_multiple: int = 1
     op_config = None  # a torchao MoE training op config; None: plain bf16/fp32 grouped GEMMs
+    emulated: bool = False  # the op config quantises in plain torch (the `mxfp8_emulated*` recipes)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         buffer, where, offs = pad_groups(x, counts, self.row_multiple)
@@ -159,11 +160,12 @@ class Float8GroupedExperts(GroupedExperts):
     def grouped_mm(self, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         if self.op_config is None:
             return super().grouped_mm(x, weight, offs)
-        run = _emulated_scaled_grouped_mm if _is_emulated(self.op_config) else _scaled_grouped_mm
+        run = _emulated_scaled_grouped_mm if self.emulated else _scaled_grouped_mm
         return run(x, weight, offs, self.op_config)
 
 
 def _scaled_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, config) -> torch.Tensor:
+    # torchao's private entry point: its public weight-wrapper route fails under torch.compile (pytorch/ao#4048)
     from torchao.prototype.moe_training.utils import _quantize_then_scaled_grouped_mm
 
     # torchao's scaled grouped GEMMs take and return bf16 (an fp32 run casts around them)
@@ -175,10 +177,6 @@ def _scaled_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor
 # The emulated quantisation does not compile (inductor's CPU code generator asserts on it; torchtitan
 # documents the emulated path as not compatible with torch.compile): a compiled block runs it eagerly.
 _emulated_scaled_grouped_mm = torch.compiler.disable(_scaled_grouped_mm)
-
-
-def _is_emulated(config) -> bool:
-    return getattr(getattr(config, "kernel_preference", None), "value", None) == "emulated"
 
 
 def expert_op_config(recipe: str):
@@ -201,13 +199,13 @@ def expert_op_config(recipe: str):
     return config
 
 
-def convert_experts(model: nn.Module, recipe: str, row_multiple: int | None = None, op_config=None) -> list[str]:
+def convert_experts(model: nn.Module, recipe: str, row_multiple: int | None = None) -> list[str]:
     """Turn every `GroupedExperts` into a `Float8GroupedExperts` in place; their names.
 
     `recipe` picks torchao's op config and the row multiple; tests pass `recipe="off"` with a
     `row_multiple` to get the padding alone."""
     multiple = row_multiple or EXPERT_RECIPES[recipe][0]
-    config = op_config if op_config is not None else (None if recipe == "off" else expert_op_config(recipe))
+    config = None if recipe == "off" else expert_op_config(recipe)
     names = []
     for name, module in model.named_modules():
         if type(module) is GroupedExperts:
@@ -219,6 +217,7 @@ def convert_experts(model: nn.Module, recipe: str, row_multiple: int | None = No
                 )
             module.__class__ = Float8GroupedExperts
             module.row_multiple, module.op_config = multiple, config
+            module.emulated = recipe.startswith("mxfp8_emulated")
             names.append(name)
     return names
 
@@ -248,22 +247,22 @@ def convert_dense(model: nn.Module, recipe: str, skip: list[str]) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, Float8Linear)]
 
 
-# ---- the plan ----------------------------------------------------------------------------------------
-def apply_float8(model: nn.Module, plan: Float8Plan, compiled: bool = False) -> str:
-    """Convert `model` (plain, on any device or meta) by `plan`; one line per part saying what changed."""
-    if not plan.enabled:
+# ---- both ------------------------------------------------------------------------------------------------
+def apply_float8(model: nn.Module, config: Float8Config, compiled: bool = False) -> str:
+    """Convert `model` (plain, on any device or meta) by `config`; one line per part saying what changed."""
+    if not config.enabled:
         return ""
     lines = []
-    if plan.dense != "off":
-        if compiled and plan.dense.startswith("rowwise"):
+    if config.dense != "off":
+        if compiled and config.dense.startswith("rowwise"):
             # as torchtitan does: inductor then rounds like eager when it fuses the casts
             torch._inductor.config.emulate_precision_casts = True
-        names = convert_dense(model, plan.dense, plan.skip)
-        lines.append(f"float8 dense ({plan.dense}): {len(names)} Linears: {summarise(names)}")
-    if plan.experts != "off":
-        names = convert_experts(model, plan.experts)
+        names = convert_dense(model, config.dense, config.skip)
+        lines.append(f"float8 dense ({config.dense}): {len(names)} Linears: {summarise(names)}")
+    if config.experts != "off":
+        names = convert_experts(model, config.experts)
         lines.append(
-            f"float8 experts ({plan.experts}, token groups padded to {plan.row_multiple} rows): {summarise(names)}"
+            f"float8 experts ({config.experts}, token groups padded to {config.row_multiple} rows): {summarise(names)}"
         )
     return "\n".join(lines)
 

@@ -1,17 +1,20 @@
-"""`LingParallelStrategy`: Lightning's ModelParallelStrategy with the Ling mesh and plan.
+"""`LingParallelStrategy`: Lightning's ModelParallelStrategy with the Ling mesh and parallel plan.
 
-Lightning's strategy builds a fixed ("data_parallel", "tensor_parallel") mesh; this one also builds
-the ("dp_replicate", "efsdp", "ep") mesh of `ling.parallel.mesh` and hands it, with the parallel
-plan, to the LightningModule, whose `configure_model` calls `parallelize`. Launch it with torchrun,
-SLURM or Lightning's own launcher; checkpoints are sharded DCP folders that any other layout can
-resume from (DCP reshards on load).
+Lightning's strategy builds a fixed ("data_parallel", "tensor_parallel") mesh; this one builds the
+("dp_replicate", "efsdp", "ep") mesh of `ling.parallel.mesh` instead and hands it to the LightningModule
+the way Lightning does (`self.device_mesh` in `configure_model`), where `LingModule.configure_model`
+calls `parallelize` with it and the strategy's `plan`. Launch it with torchrun, SLURM or Lightning's
+own launcher; checkpoints are sharded DCP folders that any other layout can resume from (DCP reshards
+on load).
 
-Every save is atomic: all ranks write into a hidden sibling folder, which rank 0 renames into place
-once every rank has finished (`ling.checkpoint.atomic.swap_into_place`), so a checkpoint under its
-final name, `last.ckpt` included, is always complete; what a killed save leaves behind is cleaned up,
-and a checkpoint moved aside is put back, at the next start (`recover_checkpoint_dir`). A save that
-fails on any rank (a full disk, a folder that cannot be written) removes the staged folder and makes
-every rank raise the same `CheckpointWriteError`, naming the checkpoint and the cause.
+Its saves on a local file system are atomic: all ranks write into a hidden sibling folder, which rank 0
+renames into place once every rank has finished (`ling.checkpoint.atomic.swap_into_place`), so a
+checkpoint under its final name, `last.ckpt` included, is always complete; what a killed save leaves
+behind is cleaned up, and a checkpoint moved aside is put back, at the next start
+(`recover_checkpoint_dir`). A save that fails on any rank (a full disk, a folder that cannot be
+written) removes the staged folder and makes every rank raise the same `CheckpointWriteError`, naming
+the checkpoint and the cause. Saves to a remote file system (a URL) or with `storage_options` go
+straight to Lightning's own save.
 
     strategy:
       class_path: ling.parallel.strategy.LingParallelStrategy
@@ -29,6 +32,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.constants import default_pg_timeout
 
@@ -45,12 +49,20 @@ from ling.checkpoint.atomic import (
     swap_into_place,
     write_error,
 )
-from ling.config import ConfigError
-from ling.parallel.mesh import ParallelDims, build_mesh
+from ling.parallel.layout import ParallelDims
+from ling.parallel.mesh import build_mesh
 from ling.parallel.parallelize import ParallelPlan
 
 
 class LingParallelStrategy(ModelParallelStrategy):
+    """What the LightningModule can read from it (through `trainer.strategy`, once the Trainer is built):
+
+    - `dims`: the `ParallelDims` of the run (dp_replicate, dp_shard, ep, efsdp, world);
+    - `plan`: the `ParallelPlan` (dtypes, resharding, activation checkpointing, compile, float8);
+    - `device_mesh` (from `setup_environment` on): the mesh of `ling.parallel.mesh.build_mesh`, which
+      the LightningModule also has as its own `device_mesh`, as under Lightning's ModelParallelStrategy.
+    """
+
     def __init__(
         self,
         dp_replicate: int = 1,
@@ -74,11 +86,9 @@ class LingParallelStrategy(ModelParallelStrategy):
             param_dtype, reduce_dtype, reshard_after_forward, activation_checkpointing, compile:
                 see `ling.parallel.ParallelPlan`.
             float8: torchao float8 training, e.g. {dense: rowwise, experts: fp8_rowwise}; see
-                `ling.parallel.float8.Float8Plan` (default: off).
+                `ling.parallel.float8.Float8Config` (default: off).
         """
         super().__init__(
-            data_parallel_size="auto",
-            tensor_parallel_size=1,
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
             timeout=timeout,
@@ -89,36 +99,37 @@ class LingParallelStrategy(ModelParallelStrategy):
         self._plan_args = (param_dtype, reduce_dtype, reshard_after_forward, activation_checkpointing, compile, float8)
         self.plan: ParallelPlan | None = None
         self.dims: ParallelDims | None = None
-        self.ling_mesh = None
 
     def validate(self, world: int) -> None:
-        """The mesh and plan for a run of `world` processes; one ConfigError sentence when impossible."""
+        """The layout and plan for a run of `world` processes; one ConfigError sentence when impossible."""
         dp_replicate, dp_shard, ep = self._sizes
-        if dp_shard is None:
-            if not isinstance(dp_replicate, int) or dp_replicate < 1 or world % dp_replicate:
-                raise ConfigError(f"dp_replicate={dp_replicate!r} must be a positive divisor of the {world} processes.")
-            dp_shard = world // dp_replicate
-        self.dims = ParallelDims(dp_replicate, dp_shard, ep)
-        self.dims.check(world)
+        self.dims = ParallelDims.for_world(world, dp_replicate, dp_shard, ep)
         self.plan = ParallelPlan(*self._plan_args)
 
     def _configure_launcher(self) -> None:
+        # Lightning's own hook, overridden as its strategies do: the one that runs when the Trainer is
+        # built, before any process is launched (Lightning has no public hook at that point).
         self.validate(self.num_nodes * self.num_processes)
         super()._configure_launcher()
 
     def setup_environment(self) -> None:
-        world = self.num_nodes * self.num_processes
-        self.validate(world)
-        self._data_parallel_size = world  # Lightning's own mesh: every rank is data parallel
-        super().setup_environment()
+        self.validate(self.num_nodes * self.num_processes)
+        super().setup_environment()  # the process group (and Lightning's own mesh, replaced below)
         self.plan.float8.check_device(self.root_device, compiled=self.plan.compile)
-        self.ling_mesh = build_mesh(self.dims, self.root_device.type)
-        self.lightning_module.ling_mesh = self.ling_mesh
-        self.lightning_module.parallel_plan = self.plan
+        # What ModelParallelStrategy.setup_environment does with its mesh: its `device_mesh` reads
+        # `_device_mesh`, and so does `LightningModule.device_mesh` (Lightning has no setter for either).
+        self._device_mesh = build_mesh(self.dims, self.root_device.type)
+        self.lightning_module._device_mesh = self._device_mesh
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Lightning's reads the "data_parallel" axis of its own mesh; here every rank is data parallel.
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
 
     def setup(self, trainer: L.Trainer) -> None:
         # The checkpoint callbacks know their folders by now (their `setup` ran); tidy them before any save.
-        self._recover([cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)])
+        folders = [cb.dirpath for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+        self._recover(folders)
         super().setup(trainer)
 
     def _recover(self, folders: list) -> None:

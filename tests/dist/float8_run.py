@@ -1,4 +1,4 @@
-"""Train the tiny model under LingParallelStrategy with a float8 plan on CPU/gloo; launched by
+"""Train the tiny model under LingParallelStrategy with float8 settings on CPU/gloo; launched by
 tests/test_float8_parallel.py with torchrun (one or two processes).
 
 Rank 0 writes to OUT: the per-step losses, the full weights when training starts (after any resume)
@@ -101,7 +101,7 @@ def train(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dims", default="1,2,2", help="dp_replicate,dp_shard,ep")
-    parser.add_argument("--float8", type=json.loads, default={}, help='the plan as JSON, e.g. {"dense": "rowwise"}')
+    parser.add_argument("--float8", type=json.loads, default={}, help='the settings as JSON, e.g. {"dense": "rowwise"}')
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--ckpt-dir", help=f"save a sharded checkpoint here every {EVERY} steps")
     parser.add_argument("--resume", help="a checkpoint to resume from")

@@ -19,10 +19,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from ling.checkpoint import load_hf_weights, save_pretrained  # noqa: E402
 from ling.checkpoint.load import pretrained_config  # noqa: E402
-from ling.model import LingForCausalLM  # noqa: E402
-from ling.parallel import parallelize  # noqa: E402
-from ling.parallel.mesh import ParallelDims, build_mesh  # noqa: E402
-from ling.parallel.parallelize import ParallelPlan  # noqa: E402
+from ling.model import build_model  # noqa: E402
+from ling.model.dtensor import local  # noqa: E402
+from ling.parallel import ParallelDims, ParallelPlan, build_mesh, parallelize  # noqa: E402
 
 
 def memory_config():
@@ -67,12 +66,10 @@ def main() -> None:
     mesh = build_mesh(dims, "cpu")
     results = []
     for i, folder in enumerate(args.hf):
-        with torch.device("meta"):
-            model = LingForCausalLM(pretrained_config(folder))
+        model = build_model(pretrained_config(folder), device="meta")
         parallelize(model, mesh, ParallelPlan(param_dtype=None, reduce_dtype=None))
         model.to_empty(device="cpu")
-        local_bytes = sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes
-                          for t in model.state_dict().values())  # fmt: skip
+        local_bytes = sum(local(t).nbytes for t in model.state_dict().values())
         dist.barrier()
         before = reset_peak()
         load_hf_weights(model, folder)

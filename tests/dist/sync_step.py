@@ -13,7 +13,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from ling.parallel.strategy import LingParallelStrategy  # noqa: E402

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from ling.data.datamodule import LingDataModule  # noqa: E402
 from ling.model.model import IGNORE_INDEX  # noqa: E402
 
 SOURCES = ["web", "code"]
@@ -38,12 +39,20 @@ def make_batches(rank: int, vocab_size: int) -> list[dict]:
     return batches
 
 
-class ValData(L.LightningDataModule):
-    source_names = SOURCES
+class ValData(LingDataModule):
+    """A LingDataModule whose validation batches of two named sources are the fixed ones above (no
+    source is read)."""
 
     def __init__(self, vocab_size: int):
-        super().__init__()
+        super().__init__(seq_len=SEQ_LEN)
+        self.source_names = SOURCES
         self.vocab_size = vocab_size
+
+    def prepare_data(self):
+        pass
+
+    def setup(self, stage=None):
+        pass
 
     def val_dataloader(self):
         return DataLoader(make_batches(self.trainer.global_rank, self.vocab_size), batch_size=None)

@@ -1,15 +1,17 @@
-"""On-paper GPU memory plan for training a Ling config with FSDP2 + expert parallelism.
+"""On-paper GPU memory estimate for training a Ling config with FSDP2 + expert parallelism.
 
-Pure arithmetic: no torch, no process groups. It answers "does this layout fit in 80 GB per GPU?"
-before a job is queued, and shows which line item to attack when it does not. Every figure is an
-estimate of the peak, in bytes per GPU; the formulas are in the docstrings below. GB means 1e9 bytes
-(an H100 "80GB" reports 81,559 MiB = 85.5e9 bytes, so an 80e9 budget keeps a little slack).
+Pure arithmetic: no process groups, nothing allocated. It answers "does this run fit in 80 GB per
+GPU?" before a job is queued, and shows which line item to attack when it does not. Every figure is
+an estimate of the peak, in bytes per GPU; the formulas are in the docstrings below. GB means 1e9
+bytes (an H100 "80GB" reports 81,559 MiB = 85.5e9 bytes, so an 80e9 budget keeps a little slack).
 
-The parallel layout it models (ling/parallel, torchtitan v0.2 style, see
+The run is described by the parallel layout `ling.parallel.layout.ParallelDims` (the one the strategy
+builds) plus the numbers of one micro-batch: activation checkpointing, rows, tokens per row, the loss
+chunk and the GPU memory. The layout it models (ling/parallel, torchtitan v0.2 style, see
 shared/reference/parallel-fp8.md §1.3-1.4):
 
-* world = nodes * gpus_per_node ranks, all data parallel (no tensor or pipeline parallelism);
-  dp_shard = world / dp_replicate ranks shard the model (HSDP replicates it dp_replicate times).
+* world = dp_replicate x dp_shard ranks, all data parallel (no tensor or pipeline parallelism);
+  dp_shard ranks shard the model (HSDP replicates it dp_replicate times).
 * Non-expert parameters (embedding, attention, norms, dense FFN, router, shared expert, MTP
   eh_proj, lm_head) are `fully_shard`-ed over the dp_shard mesh: each rank holds 1/dp_shard of
   every tensor, and an all-gather over all dp_shard ranks rebuilds the whole tensor.
@@ -27,97 +29,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ling.config import LingConfig
+from ling.config import ConfigError, LingConfig
+from ling.parallel.layout import ParallelDims, check_ac_mode
 
 GB = 1e9
 ACT_BYTES = 2  # bf16 activations
-AC_MODES = ("none", "full", "moe")
 FIXED_HEADROOM_GB = 2.0  # CUDA context, cuBLAS workspaces, NCCL communicator buffers
 FRAGMENTATION = 0.10  # caching-allocator fragmentation, as a share of everything else
 
 
-class LayoutError(ValueError):
-    """A parallel layout that cannot be built for the given world size or model."""
-
-
-def _positive_int(name: str, value) -> None:
+def _check_positive_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise LayoutError(f"{name}={value!r} must be a positive integer.")
-
-
-LOSS_CHUNK_TOKENS = 2048  # tokens per chunk of the training loss (LingModule's default)
-
-
-@dataclass
-class ParallelLayout:
-    """How one training job is laid out on GPUs (see the module docstring for the meshes)."""
-
-    nodes: int
-    gpus_per_node: int = 8
-    ep: int = 8
-    dp_replicate: int = 1
-    activation_checkpointing: Literal["none", "full", "moe"] = "full"
-    micro_batch: int = 1
-    seq_len: int = 4096
-    gpu_memory_gb: float = 80.0
-    loss_chunk_tokens: int | None = LOSS_CHUNK_TOKENS  # None: whole logits (see ling.model.chunked_cross_entropy)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @property
-    def world(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-    @property
-    def dp_shard(self) -> int:
-        return self.world // self.dp_replicate
-
-    @property
-    def efsdp(self) -> int:
-        """Ranks that FSDP-shard each expert-parallel rank's experts (dp_shard / ep)."""
-        return self.dp_shard // self.ep
-
-    def validate(self, config: LingConfig | None = None) -> None:
-        """Raise LayoutError naming the first impossible value; with a config, also check the experts."""
-        for name in ("nodes", "gpus_per_node", "ep", "dp_replicate", "micro_batch", "seq_len"):
-            _positive_int(name, getattr(self, name))
-        if self.loss_chunk_tokens is not None:
-            _positive_int("loss_chunk_tokens", self.loss_chunk_tokens)
-        if self.activation_checkpointing not in AC_MODES:
-            raise LayoutError(
-                f"activation_checkpointing={self.activation_checkpointing!r} is not a mode; use one of {AC_MODES}."
-            )
-        if not isinstance(self.gpu_memory_gb, (int, float)) or self.gpu_memory_gb <= 0:
-            raise LayoutError(f"gpu_memory_gb={self.gpu_memory_gb!r} must be a positive number of GB.")
-        if self.world % self.dp_replicate:
-            raise LayoutError(
-                f"dp_replicate={self.dp_replicate} must divide the world size {self.world} "
-                f"(nodes={self.nodes} x gpus_per_node={self.gpus_per_node})."
-            )
-        if self.dp_shard % self.ep:
-            valid = [e for e in range(1, self.dp_shard + 1) if self.dp_shard % e == 0]
-            raise LayoutError(
-                f"ep={self.ep} must divide dp_shard={self.dp_shard} (world {self.world} / dp_replicate "
-                f"{self.dp_replicate}), since expert parallelism is carved out of the sharded ranks; "
-                f"valid ep values are {valid}."
-            )
-        if config is not None and config.num_experts % self.ep:
-            valid = [
-                e for e in range(1, config.num_experts + 1) if config.num_experts % e == 0 and self.dp_shard % e == 0
-            ]
-            raise LayoutError(
-                f"ep={self.ep} must divide num_experts={config.num_experts} so every rank owns whole experts; "
-                f"with dp_shard={self.dp_shard} use one of {valid}."
-            )
-
-    def describe(self) -> str:
-        return (
-            f"{self.nodes} node(s) x {self.gpus_per_node} GPU = {self.world} ranks; dp_replicate {self.dp_replicate} "
-            f"x dp_shard {self.dp_shard} (ep {self.ep} x efsdp {self.efsdp}); micro-batch {self.micro_batch} x "
-            f"{self.seq_len} tokens; activation checkpointing {self.activation_checkpointing!r}; "
-            f"{self.gpu_memory_gb:g} GB per GPU"
-        )
+        raise ConfigError(f"{name}={value!r} must be a positive integer.")
 
 
 # ---- parameter arithmetic ---------------------------------------------------------------------
@@ -274,8 +197,7 @@ def activation_bytes(
       held then: a chunk's logits exist only inside its own recompute and backward, and autograd
       finishes every chunk of a head before it reaches the block that made the head's input.
     """
-    if mode not in AC_MODES:
-        raise LayoutError(f"activation_checkpointing={mode!r} is not a mode; use one of {AC_MODES}.")
+    check_ac_mode(mode)
     N, H, V, s = micro_batch * seq_len, config.hidden_size, config.vocab_size, ACT_BYTES
     D = config.num_nextn_predict_layers
     kinds = ["moe" if config.is_moe_layer(i) else "dense" for i in range(config.num_hidden_layers)] + ["mtp"] * D
@@ -305,15 +227,20 @@ def peak_activation_bytes(detail: dict[str, int]) -> int:
     return detail["stored"] + max(detail["loss"], detail["recompute"])
 
 
-# ---- the plan ---------------------------------------------------------------------------------
+# ---- the estimate -----------------------------------------------------------------------------
 
 
 @dataclass
-class MemoryPlan:
-    """Per-GPU bytes of each line item (see plan_memory) and whether their sum fits."""
+class MemoryEstimate:
+    """Per-GPU bytes of each line item (see estimate_memory) for one run, and whether their sum fits."""
 
     config: LingConfig = field(repr=False)
-    layout: ParallelLayout
+    dims: ParallelDims
+    activation_checkpointing: str
+    micro_batch: int
+    seq_len: int
+    loss_chunk_tokens: int | None
+    gpu_memory_gb: float
     params: ParamBreakdown = field(repr=False)
     parameters: float
     gradients: float
@@ -339,23 +266,36 @@ class MemoryPlan:
 
     @property
     def budget(self) -> float:
-        return self.layout.gpu_memory_gb * GB
+        return self.gpu_memory_gb * GB
 
     @property
     def fits(self) -> bool:
         return self.total <= self.budget
 
+    def describe(self) -> str:
+        return (
+            f"{self.dims.describe()}; micro-batch {self.micro_batch} x {self.seq_len} tokens; activation "
+            f"checkpointing {self.activation_checkpointing!r}; {self.gpu_memory_gb:g} GB per GPU"
+        )
 
-def plan_memory(
+
+def estimate_memory(
     config: LingConfig,
-    layout: ParallelLayout,
+    dims: ParallelDims,
+    *,
+    activation_checkpointing: str,
+    micro_batch: int,
+    seq_len: int,
+    loss_chunk_tokens: int | None,
+    gpu_memory_gb: float,
     fixed_headroom_gb: float = FIXED_HEADROOM_GB,
     fragmentation: float = FRAGMENTATION,
-) -> MemoryPlan:
-    """Estimate the peak bytes per GPU of training `config` on `layout`. Line items, P_t trainable
-    parameters (routed experts included), B the fp32 expert_bias buffers, U the largest FSDP unit
-    (a decoder/MTP block with its non-expert weights plus num_experts/ep experts, the embedding, or
-    the final norm + lm_head) counted in parameters:
+) -> MemoryEstimate:
+    """Estimate the peak bytes per GPU of training `config` on the layout `dims`, with micro-batches of
+    `micro_batch` rows of `seq_len` tokens and the loss computed `loss_chunk_tokens` tokens at a time
+    (None: whole logits). Line items, P_t trainable parameters (routed experts included), B the fp32
+    expert_bias buffers, U the largest FSDP unit (a decoder/MTP block with its non-expert weights plus
+    num_experts/ep experts, the embedding, or the final norm + lm_head) counted in parameters:
 
       parameters        P_t * 4 / dp_shard + B * 4   fp32 master weights; buffers are not sharded
       gradients         P_t * 4 / dp_shard           fp32, reduce-scattered into the same shards
@@ -371,18 +311,28 @@ def plan_memory(
     FSDP pads each tensor's first dimension to a multiple of the shard count; that padding (at most
     dp_shard - 1 rows per tensor) is ignored. The result is an estimate, not a measurement.
     """
-    layout.validate(config)
+    dims.check(num_experts=config.num_experts)
+    check_ac_mode(activation_checkpointing)
+    _check_positive_int("micro_batch", micro_batch)
+    _check_positive_int("seq_len", seq_len)
+    if loss_chunk_tokens is not None:
+        _check_positive_int("loss_chunk_tokens", loss_chunk_tokens)
+    if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, (int, float)) or not gpu_memory_gb > 0:
+        raise ConfigError(f"gpu_memory_gb={gpu_memory_gb!r} must be a positive number of GB.")
     params = parameter_breakdown(config)
-    shard = layout.dp_shard
-    unit_sizes = {name: non_expert + expert // layout.ep for name, non_expert, expert in params.units}
+    shard = dims.dp_shard
+    unit_sizes = {name: non_expert + expert // dims.ep for name, non_expert, expert in params.units}
     largest_unit = max(unit_sizes, key=unit_sizes.__getitem__)
     U = unit_sizes[largest_unit]
-    detail = activation_bytes(
-        config, layout.micro_batch, layout.seq_len, layout.activation_checkpointing, layout.loss_chunk_tokens
-    )
-    plan = MemoryPlan(
+    detail = activation_bytes(config, micro_batch, seq_len, activation_checkpointing, loss_chunk_tokens)
+    estimate = MemoryEstimate(
         config=config,
-        layout=layout,
+        dims=dims,
+        activation_checkpointing=activation_checkpointing,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        loss_chunk_tokens=loss_chunk_tokens,
+        gpu_memory_gb=gpu_memory_gb,
         params=params,
         parameters=params.trainable * 4 / shard + params.buffers * 4,
         gradients=params.trainable * 4 / shard,
@@ -395,44 +345,44 @@ def plan_memory(
         fixed_headroom=fixed_headroom_gb * GB,
         fragmentation=0.0,
     )
-    plan.fragmentation = fragmentation * (plan.total - plan.fixed_headroom)
-    return plan
+    estimate.fragmentation = fragmentation * (estimate.total - estimate.fixed_headroom)
+    return estimate
 
 
-def format_plan(plan: MemoryPlan) -> str:
+def format_estimate(estimate: MemoryEstimate) -> str:
     """A table of GB (1e9 bytes) per GPU for each line item, the total, the budget and whether it fits."""
-    chunk = plan.layout.loss_chunk_tokens
+    chunk = estimate.loss_chunk_tokens
     rows = [
-        ("parameters (fp32 master, sharded; expert_bias replicated)", plan.parameters),
-        ("gradients (fp32, sharded)", plan.gradients),
-        ("AdamW state (2 x fp32, sharded)", plan.optimizer),
-        (f"gathered bf16 params, 2 x largest unit ({plan.largest_unit})", plan.gathered_params),
-        ("gradient buffers of that unit (bf16 + fp32 reduce-scatter)", plan.gradient_buffers),
+        ("parameters (fp32 master, sharded; expert_bias replicated)", estimate.parameters),
+        ("gradients (fp32, sharded)", estimate.gradients),
+        ("AdamW state (2 x fp32, sharded)", estimate.optimizer),
+        (f"gathered bf16 params, 2 x largest unit ({estimate.largest_unit})", estimate.gathered_params),
+        ("gradient buffers of that unit (bf16 + fp32 reduce-scatter)", estimate.gradient_buffers),
         (
-            f"activations, micro-batch {plan.layout.micro_batch} x {plan.layout.seq_len}, "
-            f"AC {plan.layout.activation_checkpointing!r}",
-            plan.activations,
+            f"activations, micro-batch {estimate.micro_batch} x {estimate.seq_len}, "
+            f"AC {estimate.activation_checkpointing!r}",
+            estimate.activations,
         ),  # fmt: skip
-        ("  stored for backward (block inputs / saved tensors)", plan.activation_detail["stored"]),
+        ("  stored for backward (block inputs / saved tensors)", estimate.activation_detail["stored"]),
         (
             "  + the larger of: the loss "
             + ("(whole logits, main + MTP heads)" if chunk is None else f"(one chunk of {chunk:,} tokens)"),
-            plan.activation_detail["loss"],
+            estimate.activation_detail["loss"],
         ),
         (
             "    or one block's recompute" + (" (+ the whole logits)" if chunk is None else ""),
-            plan.activation_detail["recompute"],
+            estimate.activation_detail["recompute"],
         ),
-        ("fixed headroom (CUDA context, NCCL, workspaces)", plan.fixed_headroom),
-        ("allocator fragmentation", plan.fragmentation),
+        ("fixed headroom (CUDA context, NCCL, workspaces)", estimate.fixed_headroom),
+        ("allocator fragmentation", estimate.fragmentation),
     ]
     # A model too small to show in GB (the tiny preset) is printed in MB.
-    unit, scale = ("GB", GB) if plan.total - plan.fixed_headroom >= 0.1 * GB else ("MB", 1e6)
+    unit, scale = ("GB", GB) if estimate.total - estimate.fixed_headroom >= 0.1 * GB else ("MB", 1e6)
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"{'memory per GPU (estimate)':<{width}}{unit:>10}", "-" * (width + 10)]
     lines += [f"{label:<{width}}{value / scale:>10.2f}" for label, value in rows]
     lines.append("-" * (width + 10))
-    lines.append(f"{'total':<{width}}{plan.total / scale:>10.2f}")
-    lines.append(f"{'GPU memory':<{width}}{plan.budget / scale:>10.2f}")
-    lines.append(f"{'fits':<{width}}{'yes' if plan.fits else 'no':>10}")
+    lines.append(f"{'total':<{width}}{estimate.total / scale:>10.2f}")
+    lines.append(f"{'GPU memory':<{width}}{estimate.budget / scale:>10.2f}")
+    lines.append(f"{'fits':<{width}}{'yes' if estimate.fits else 'no':>10}")
     return "\n".join(lines)

@@ -1,20 +1,28 @@
-"""The FSDP2 + EP memory planner against hand computations."""
+"""The FSDP2 + EP memory estimate against hand computations."""
 
 import pytest
 
-from ling.params import count_parameters
-from ling.planner import (
+from ling.config import ConfigError
+from ling.memory import (
     GB,
-    LayoutError,
-    ParallelLayout,
     activation_bytes,
-    format_plan,
+    estimate_memory,
+    format_estimate,
     parameter_breakdown,
     peak_activation_bytes,
-    plan_memory,
 )
+from ling.parallel.layout import ParallelDims
+from ling.params import count_parameters
 from ling.presets import PRESETS, preset
 from recipes import get_recipe
+
+# One 4,096-token row per micro-batch, full checkpointing, the loss in 2,048-token chunks, 80 GB GPUs.
+RUN = dict(activation_checkpointing="full", micro_batch=1, seq_len=4096, loss_chunk_tokens=2048, gpu_memory_gb=80.0)
+
+
+def estimate(config, nodes, ep, dp_replicate=1, **run):
+    """The estimate on `nodes` x 8 GPUs, all of them data parallel."""
+    return estimate_memory(config, ParallelDims.for_world(nodes * 8, dp_replicate, ep=ep), **{**RUN, **run})
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -33,19 +41,19 @@ def test_mini_model_states_by_hand():
     biases = (19 + 1) * E  # fp32 expert_bias of 19 MoE layers + the MTP layer: buffers, not trained
     trainable = total - biases
     dp_shard = 16  # 2 nodes x 8 GPUs, no replication
-    plan = plan_memory(preset("mini"), ParallelLayout(nodes=2, ep=8))
-    assert plan.params.trainable == trainable and plan.params.buffers == biases
-    assert plan.parameters == pytest.approx(trainable * 4 / dp_shard + biases * 4, abs=1)
-    assert plan.gradients == pytest.approx(trainable * 4 / dp_shard, abs=1)
-    assert plan.optimizer == pytest.approx(trainable * 8 / dp_shard, abs=1)
-    assert plan.gradients == 4_270_874_944  # 17,083,499,776 * 4 / 16
+    result = estimate(preset("mini"), nodes=2, ep=8)
+    assert result.params.trainable == trainable and result.params.buffers == biases
+    assert result.parameters == pytest.approx(trainable * 4 / dp_shard + biases * 4, abs=1)
+    assert result.gradients == pytest.approx(trainable * 4 / dp_shard, abs=1)
+    assert result.optimizer == pytest.approx(trainable * 8 / dp_shard, abs=1)
+    assert result.gradients == 4_270_874_944  # 17,083,499,776 * 4 / 16
     # The largest FSDP unit is the final norm + lm_head (V*H + H), bigger than an MoE block with 32 local experts.
-    assert plan.largest_unit == "final norm + lm_head"
-    assert plan.gathered_params == 2 * (157184 * H + H) * 2
-    assert plan.gradient_buffers == (157184 * H + H) * (2 + 4)
+    assert result.largest_unit == "final norm + lm_head"
+    assert result.gathered_params == 2 * (157184 * H + H) * 2
+    assert result.gradient_buffers == (157184 * H + H) * (2 + 4)
     # HSDP: two replicas of an 8-way shard hold twice the states per GPU.
-    hsdp = plan_memory(preset("mini"), ParallelLayout(nodes=2, ep=8, dp_replicate=2))
-    assert hsdp.optimizer == pytest.approx(2 * plan.optimizer)
+    hsdp = estimate(preset("mini"), nodes=2, ep=8, dp_replicate=2)
+    assert hsdp.optimizer == pytest.approx(2 * result.optimizer)
 
 
 def test_experts_are_gathered_per_expert_parallel_rank():
@@ -55,13 +63,13 @@ def test_experts_are_gathered_per_expert_parallel_rank():
     mtp_non_expert = attention + E * H + 3 * H * 2048 + 2 * H * H + 3 * H
     routed = E * 3 * H * I_e
     # ep=1: the MTP block gathers all 256 experts and is the largest unit.
-    plan = plan_memory(cfg, ParallelLayout(nodes=128, ep=1))
-    assert plan.largest_unit == "MTP layer 0"
-    assert plan.gathered_params == 2 * (mtp_non_expert + routed) * 2
+    result = estimate(cfg, nodes=128, ep=1)
+    assert result.largest_unit == "MTP layer 0"
+    assert result.gathered_params == 2 * (mtp_non_expert + routed) * 2
     # ep=16: a rank gathers only its 16 experts; the lm_head is then the largest unit.
-    plan = plan_memory(cfg, ParallelLayout(nodes=128, ep=16))
+    result = estimate(cfg, nodes=128, ep=16)
     assert mtp_non_expert + routed // 16 < 157184 * H + H
-    assert plan.largest_unit == "final norm + lm_head"
+    assert result.largest_unit == "final norm + lm_head"
 
 
 def test_activation_estimate_by_hand():
@@ -127,49 +135,48 @@ def test_one_t_long_row_by_hand():
     # The MTP block's recompute: the MoE block's 4 sorted/expert-output/combine copies of K*N = 8N rows
     # of H bf16 values alone are 17.2 GB.
     assert detail["recompute"] > 4 * 8 * N * H * 2 > 17e9
-    layout = ParallelLayout(nodes=126, ep=16, seq_len=N)
-    assert plan_memory(cfg, layout).activations == stored + detail["recompute"] > 79 * GB
+    assert estimate(cfg, nodes=126, ep=16, seq_len=N).activations == stored + detail["recompute"] > 79 * GB
 
 
 def test_headroom_and_total():
-    plan = plan_memory(preset("mini"), ParallelLayout(nodes=2))
-    items = plan.model_states + plan.gathered_params + plan.gradient_buffers + plan.activations
-    assert plan.total == pytest.approx(items * 1.10 + 2 * GB)
-    detail = plan.activation_detail
-    assert plan.activations == detail["stored"] + max(detail["loss"], detail["recompute"])
+    result = estimate(preset("mini"), nodes=2, ep=8)
+    items = result.model_states + result.gathered_params + result.gradient_buffers + result.activations
+    assert result.total == pytest.approx(items * 1.10 + 2 * GB)
+    detail = result.activation_detail
+    assert result.activations == detail["stored"] + max(detail["loss"], detail["recompute"])
 
 
 def test_one_t_recipe_fits_and_one_node_does_not():
     recipe = get_recipe("1t")
-    plan = plan_memory(recipe.config(), recipe.layout)
-    assert plan.fits and plan.total < 80 * GB
-    assert "fits" in format_plan(plan) and format_plan(plan).rstrip().endswith("yes")
-    small = plan_memory(recipe.config(), ParallelLayout(nodes=1, ep=8))
+    result = recipe.estimate()
+    assert result.fits and result.total < 80 * GB
+    assert "fits" in format_estimate(result) and format_estimate(result).rstrip().endswith("yes")
+    small = estimate(recipe.config(), nodes=1, ep=8)
     assert not small.fits
     assert small.optimizer > 1000 * GB  # 1.01T parameters x 8 bytes / 8 GPUs
-    assert format_plan(small).rstrip().endswith("no")
+    assert format_estimate(small).rstrip().endswith("no")
 
 
 def test_no_checkpointing_does_not_fit_one_t():
     recipe = get_recipe("1t")
-    assert not plan_memory(recipe.config(), recipe.with_layout(activation_checkpointing="none").layout).fits
+    assert not recipe.with_args(strategy={"activation_checkpointing": "none"}).estimate().fits
 
 
-def test_layout_validation():
-    with pytest.raises(LayoutError, match=r"ep=3 must divide dp_shard=16"):
-        ParallelLayout(nodes=2, ep=3)
-    with pytest.raises(LayoutError, match=r"dp_replicate=3 must divide the world size 16"):
-        ParallelLayout(nodes=2, dp_replicate=3)
-    with pytest.raises(LayoutError, match=r"ep=16 must divide dp_shard=8"):
-        ParallelLayout(nodes=2, ep=16, dp_replicate=2)
-    with pytest.raises(LayoutError, match=r"ep=32 must divide num_experts=16"):
-        plan_memory(preset("tiny"), ParallelLayout(nodes=4, ep=32))
-    with pytest.raises(LayoutError, match=r"activation_checkpointing='some'"):
-        ParallelLayout(nodes=1, activation_checkpointing="some")
-    with pytest.raises(LayoutError, match=r"nodes=0 must be a positive integer"):
-        ParallelLayout(nodes=0)
-    layout = ParallelLayout(nodes=4, ep=8, dp_replicate=2)
-    assert (layout.world, layout.dp_shard, layout.efsdp) == (32, 16, 2)
+def test_impossible_runs_are_refused():
+    """The layout is checked against the model (whole experts per rank), and each number of the run."""
+    with pytest.raises(ConfigError, match=r"ep=32 must divide num_experts=16"):
+        estimate(preset("tiny"), nodes=4, ep=32)
+    with pytest.raises(ConfigError, match=r"activation_checkpointing='some' is not one of none, full, moe"):
+        estimate(preset("tiny"), nodes=1, ep=1, activation_checkpointing="some")
+    with pytest.raises(ConfigError, match=r"micro_batch=0 must be a positive integer"):
+        estimate(preset("tiny"), nodes=1, ep=1, micro_batch=0)
+    with pytest.raises(ConfigError, match=r"loss_chunk_tokens=-1 must be a positive integer"):
+        estimate(preset("tiny"), nodes=1, ep=1, loss_chunk_tokens=-1)
+    with pytest.raises(ConfigError, match=r"gpu_memory_gb=0 must be a positive number of GB"):
+        estimate(preset("tiny"), nodes=1, ep=1, gpu_memory_gb=0)
+    # HSDP with EP: 2 replicas of a 16-way shard whose experts are split 8 ways, each slice over 2 ranks.
+    result = estimate(preset("mini"), nodes=4, ep=8, dp_replicate=2)
+    assert (result.dims.world, result.dims.dp_shard, result.dims.efsdp) == (32, 16, 2)
 
 
 def test_activation_estimate_against_the_tensors_autograd_saves():
@@ -191,7 +198,7 @@ def test_activation_estimate_against_the_tensors_autograd_saves():
 
 
 def test_chunk_logits_are_gone_before_any_block_is_recomputed():
-    """The planner's chunked-loss peak is stored + max(loss, recompute): no chunk's log-softmax is
+    """The estimate's chunked-loss peak is stored + max(loss, recompute): no chunk's log-softmax is
     alive while a checkpointed block runs its forward again in backward, and at most one chunk's is
     alive at a time. Watched on the tiny model with every block checkpointed as `parallelize` does."""
     torch = pytest.importorskip("torch")
@@ -199,7 +206,7 @@ def test_chunk_logits_are_gone_before_any_block_is_recomputed():
 
     import ling.model.model as model_code
     from ling.model import build_model
-    from ling.parallel.parallelize import blocks, checkpoint_forward
+    from ling.parallel.parallelize import blocks, checkpoint_blocks
 
     cfg = preset("tiny")
     torch.manual_seed(0)
@@ -219,8 +226,8 @@ def test_chunk_logits_are_gone_before_any_block_is_recomputed():
         if in_backward():
             events.append(("block", sum(r() is not None for r in alive)))
 
+    checkpoint_blocks(model, "full")
     for block in blocks(model):
-        checkpoint_forward(block)
         block.attention.register_forward_pre_hook(watch)  # runs again when backward recomputes the block
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     original, model_code._chunk_loss_sum = model_code._chunk_loss_sum, chunk_loss
