@@ -55,7 +55,7 @@ def expert_path_check(cfg, device: torch.device, tokens: int) -> dict[str, str]:
             param.normal_(0.0, cfg.initializer_range)
     x = torch.randn(1, tokens, cfg.hidden_size, device=device)
     diffs = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         moe = moe.to(dtype)
         try:
             with torch.no_grad():
@@ -111,7 +111,8 @@ def main() -> int:
 
     diffs = expert_path_check(cfg, device, args.check_tokens)
     print(
-        f"expert path check ({args.check_tokens} tokens): max|grouped-loop| fp32 {diffs['fp32']}, bf16 {diffs['bf16']}"
+        f"expert path check ({args.check_tokens} tokens): max|grouped-loop| float32 {diffs['float32']}, "
+        f"bfloat16 {diffs['bfloat16']}"
     )
 
     model = build_model(cfg, device=device, dtype=torch.bfloat16)

@@ -55,7 +55,7 @@ class CountTokens:
     """Wraps the generation loop to count the tokens it really produced (EOS can end a row early)."""
 
     def __init__(self):
-        self.original, self.tokens = eval_lm.generate_rows, 0
+        self.original, self.tokens = eval_lm.generate, 0
 
     def __call__(self, *args, **kwargs):
         rows = self.original(*args, **kwargs)
@@ -87,7 +87,7 @@ def main() -> None:
     ll_reqs = loglikelihood_requests(args.requests)
     gen_reqs = generation_requests(16, args.new_tokens)
     counter = CountTokens()
-    eval_lm.generate_rows = counter
+    eval_lm.generate = counter
 
     rows, reference = [], None
     for batch_size in args.batch_sizes:

@@ -16,18 +16,16 @@ without.
 from __future__ import annotations
 
 import json
-import random
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from torch.distributed.fsdp import FSDPModule
 
 from callbacks.hf_export import ling_data
 from callbacks.stages import check_nonfinite, secure_fit_end, stage_changes_with, stage_ends_at
+from callbacks.training_state import evaluating_mid_training
 from ling.checkpoint.hf import write_atomic
 from ling.config import ConfigError
 
@@ -158,14 +156,8 @@ class LMEval(L.Callback):
         `output_dir/step=<N>.json` (for another prefix: `<prefix>.step=<N>.json`, slashes as '_').
         The model's train/eval flags, gradients and random states are restored afterwards, so another
         callback can swap weights in (e.g. merged checkpoints), call this, and swap them back."""
-        model = pl_module.model
-        saved = _TrainingState(model)
-        try:
-            model.eval()
-            with torch.no_grad():
-                results = self._run(trainer, pl_module)
-        finally:
-            saved.restore()
+        with evaluating_mid_training(pl_module.model):
+            results = self._run(trainer, pl_module)
         step = trainer.global_step
         metrics = flat_metrics(results, prefix) if trainer.is_global_zero else None
         metrics = trainer.strategy.broadcast(metrics, src=0)
@@ -251,33 +243,3 @@ def score_table(metrics: dict[str, float], step: int) -> str:
     lines = [f"lm-eval at step {step}:", f"  {'task':<{task_w}}  {'metric':<{metric_w}}  value"]
     lines += [f"  {task:<{task_w}}  {metric:<{metric_w}}  {value}" for task, metric, value in rows]
     return "\n".join(lines)
-
-
-class _TrainingState:
-    """What an evaluation could disturb, taken before it and put back after it."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.modes = [(m, m.training) for m in model.modules()]
-        self.no_grad = [p for p in model.parameters() if p.grad is None]
-        self.python, self.numpy, self.cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-
-    def restore(self) -> None:
-        for module, training in self.modes:
-            module.training = training
-        for p in self.no_grad:
-            p.grad = None
-        random.setstate(self.python)
-        np.random.set_state(self.numpy)
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-        reshard(self.model)
-
-
-def reshard(model: torch.nn.Module) -> None:
-    """Free the weights that an evaluation's forward passes left gathered (FSDP2 modules)."""
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()

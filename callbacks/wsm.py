@@ -41,8 +41,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.hf_export import ling_data
-from callbacks.lm_eval import LMEval, reshard, score_table
+from callbacks.lm_eval import LMEval, score_table
 from callbacks.stages import check_nonfinite, secure_fit_end, stage_changes_with, stage_ends_at
+from callbacks.training_state import evaluating_mid_training
 from ling.checkpoint import save_pretrained
 from ling.config import ConfigError
 from ling.dtypes import FLOAT8_DTYPES, dtype_named
@@ -253,28 +254,15 @@ class WSM(L.Callback):
     def _val_loss(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """The main validation loss as LingModule.validation_step computes it (the mean over every target
         token of all batches and ranks), on the data module's validation batches, on every rank."""
-        model = pl_module.model
-        modes = [(m, m.training) for m in model.modules()]
-        cpu_rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         total = torch.zeros(2, dtype=torch.float64, device=pl_module.device)
-        try:
-            model.eval()
-            with torch.no_grad():
-                for i, batch in enumerate(trainer.datamodule.val_dataloader()):
-                    if self.val_batches is not None and i >= self.val_batches:
-                        break
-                    batch = trainer.strategy.batch_to_device(batch, pl_module.device)
-                    out = pl_module(batch["input_ids"], batch["labels"], **pl_module.isolation(batch))
-                    tokens = (batch["labels"] != IGNORE_INDEX).sum().double()
-                    total += torch.stack([out.main_loss.double() * tokens, tokens.to(total.device)])
-        finally:
-            for module, training in modes:
-                module.training = training
-            torch.set_rng_state(cpu_rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
-            reshard(model)
+        with evaluating_mid_training(pl_module.model):
+            for i, batch in enumerate(trainer.datamodule.val_dataloader()):
+                if self.val_batches is not None and i >= self.val_batches:
+                    break
+                batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+                out = pl_module(batch["input_ids"], batch["labels"], **pl_module.isolation(batch))
+                tokens = (batch["labels"] != IGNORE_INDEX).sum().double()
+                total += torch.stack([out.main_loss.double() * tokens, tokens.to(total.device)])
         if trainer.world_size > 1:
             torch.distributed.all_reduce(total)
         return float(total[0] / total[1]) if total[1] > 0 else float("nan")

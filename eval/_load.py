@@ -10,10 +10,9 @@ from typing import Any
 
 import torch
 
-from ling.checkpoint.companions import TOKENIZER_FILES
 from ling.config import ConfigError, LingConfig
 from ling.data.errors import DataError
-from ling.data.tokenizer import Tokenizer, load_tokenizer
+from ling.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from ling.dtypes import DTYPES, dtype_named
 
 # `dtype=auto` keeps the dtype the checkpoint holds; the others are `ling.dtypes.DTYPES`.

@@ -24,10 +24,10 @@ from lm_eval.models.utils import Collator, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from eval._generate import first_stop, generate_rows
 from eval._load import EvalError, check_vocab, parse_device, resolve, tokenizer_for, torch_dtype
 from eval._load import load as load_weights
 from ling.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, special_token_ids
+from ling.generate import first_stop, generate
 
 __all__ = ["EvalError", "LingLM", "MODEL_ARGS"]
 
@@ -362,7 +362,7 @@ class LingLM(TemplateLM):
         if temperature > 0 and kwargs.get("seed") is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(kwargs["seed"]))
         return {
-            "stops": list(until),
+            "stop_strings": list(until),
             "max_new_tokens": max_new,
             "temperature": temperature,
             "top_k": kwargs.get("top_k"),
@@ -398,11 +398,19 @@ class LingLM(TemplateLM):
                 while end < len(prompts) and len(prompts[end]) == len(prompts[start]):
                     end += 1
                 prompt = torch.tensor(prompts[start:end], dtype=torch.long, device=self.device)
-                rows = generate_rows(self._model, prompt, decode=self.tok_decode, eos_token_id=self.eot_token_id,
-                                     broadcast=self._broadcast, **settings)  # fmt: skip
+                # A live model is evaluated in the mode it is in (see the class docstring).
+                rows = generate(
+                    self._model,
+                    prompt,
+                    stop_tokens=[self.eot_token_id],
+                    decode=self.tok_decode,
+                    broadcast=self._broadcast,
+                    eval_mode=False,
+                    **settings,
+                )
                 for (context, gen_kwargs), row in zip(chunk[start:end], rows):
                     text = self.tok_decode(row)
-                    cut = first_stop(text, settings["stops"])
+                    cut = first_stop(text, settings["stop_strings"])
                     text = text if cut is None else text[:cut]
                     texts.append(text)
                     self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)

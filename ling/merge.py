@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from ling.checkpoint.companions import TOKENIZER_FILES
 from ling.checkpoint.export import READ_BYTES, TensorSource, export_hf, read_groups
 from ling.checkpoint.fp8 import FP8_DTYPE
 from ling.checkpoint.hf import CheckpointError, write_atomic
@@ -36,6 +35,7 @@ from ling.checkpoint.load import HFReader, expected_keys, pretrained_config
 from ling.config import ConfigError, LingConfig
 from ling.convert import MODULE_PREFIX, CommandParser, check_source, export_tokenizer, open_checkpoint
 from ling.data.errors import DataError
+from ling.data.tokenizer import TOKENIZER_FILES
 from ling.dtypes import DTYPES, FLOAT8_DTYPES, dtype_named
 from ling.model.model import build_model
 

@@ -1,11 +1,11 @@
-"""KV-cache generation against full recomputation, and the sampling rules."""
+"""KV-cache generation against full recomputation, and the sampling and stopping rules."""
 
 import math
 
 import pytest
 import torch
 
-from ling.generate import generate, sample_next
+from ling.generate import first_stop, generate, sample_next
 from ling.model import KVCache
 
 
@@ -29,7 +29,7 @@ def test_cached_chunks_equal_one_full_forward(tiny_model):
     """Prefill, one token, then a 5-token chunk through the cache: logits equal a single full pass."""
     cfg = tiny_model.config
     ids = torch.randint(0, 256, (2, 14), generator=torch.Generator().manual_seed(4))
-    cache = KVCache(cfg.num_hidden_layers, 2, 32, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu")
+    cache = KVCache(cfg.num_hidden_layers, 32)
     with torch.no_grad():
         full = tiny_model(ids).logits
         parts = [
@@ -78,3 +78,52 @@ def test_seeded_sampling_is_reproducible(tiny_model):
 def test_too_long_request_is_refused(tiny_model):
     with pytest.raises(ValueError, match="context length 2048"):
         generate(tiny_model, torch.zeros(1, 10, dtype=torch.long), 2040)
+
+
+def test_stop_strings_end_a_row_at_the_token_that_completes_them(tiny_model):
+    """Each row stops at its own first completed stop string; the others run on to max_new_tokens."""
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(7))
+    free_run = greedy_by_recomputation(tiny_model, prompt, 10)
+
+    def decode(tokens):
+        return "".join(f"<{t}>" for t in tokens)
+
+    pair = free_run[0][2:4]
+    stop = decode(pair)  # completed by row 0's fourth token at the latest
+
+    def until_pair(row):
+        return next((row[: i + 1] for i in range(1, len(row)) if row[i - 1 : i + 1] == pair), row)
+
+    rows = generate(tiny_model, prompt, 10, stop_strings=["never", stop], decode=decode)
+    assert rows == [until_pair(free_run[0]), until_pair(free_run[1])] and len(rows[0]) <= 4
+    assert first_stop(decode(rows[0]), ["never", stop]) == len(decode(rows[0])) - len(stop)
+    with pytest.raises(ValueError, match="need decode="):
+        generate(tiny_model, prompt, 4, stop_strings=["x"])
+
+
+def test_one_forward_per_token_read_and_the_mode_handling(tiny_model):
+    calls = []
+    handle = tiny_model.register_forward_hook(lambda module, args, out: calls.append(module.training))
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    try:
+        tiny_model.train()
+        generate(tiny_model, prompt, 6)
+        assert calls == [False] * 6 and tiny_model.training  # prefill + 5 steps, in eval mode, then restored
+        calls.clear()
+        tiny_model.model.layers[0].eval()  # a mixed-mode model is left exactly as it is
+        generate(tiny_model, prompt, 6, eval_mode=False)
+        assert calls == [True] * 6 and tiny_model.training and not tiny_model.model.layers[0].training
+    finally:
+        handle.remove()
+
+
+def test_kv_cache_buffers_follow_the_first_keys():
+    """A model under mixed precision writes bf16 keys while its stored weights are fp32."""
+    cache = KVCache(2, 6)
+    k = torch.randn(3, 2, 4, 8, dtype=torch.bfloat16)
+    keys, values = cache.update(1, k, k + 1)
+    assert cache.keys[0] is None and cache.keys[1].shape == (3, 2, 6, 8) and keys.dtype == torch.bfloat16
+    torch.testing.assert_close(values, k + 1)
+    cache.advance(4)
+    with pytest.raises(ValueError, match="holds 6 positions but 7"):
+        cache.update(1, k[:, :, :3], k[:, :, :3])

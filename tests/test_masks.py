@@ -95,7 +95,7 @@ def test_block_mask_refuses_a_kv_cache(tiny_config):
     attn = Attention(cfg, layer_idx=0)
     docs = torch.zeros(1, 4, dtype=torch.long)
     cos, sin = RotaryEmbedding(cfg)(document_positions(docs), torch.float32)
-    cache = KVCache(1, 1, 8, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu")
+    cache = KVCache(1, 8)
     with pytest.raises(ValueError, match="kv_cache"):
         attn(torch.randn(1, 4, cfg.hidden_size), cos, sin, attn_mask=document_mask(docs, "flex"), kv_cache=cache)
 

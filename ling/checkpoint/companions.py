@@ -28,8 +28,6 @@ AUTO_CLASSES = {
     "AutoModelForCausalLM": f"{MODELING_MODULE}.BailingMoeV2ForCausalLM",
 }
 GENERATION_CONFIG_NAME = "generation_config.json"
-# Any of these in a model folder means it holds a tokenizer (what `save_pretrained` of one writes).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 _ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 

@@ -26,12 +26,13 @@ if TYPE_CHECKING:
 # Tried in this order when neither `eos_token` nor a tokenizer_config.json names the end-of-text token.
 WELL_KNOWN_EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
-# Any of these in a folder means it holds a tokenizer that AutoTokenizer may be able to load.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# Any of these in a folder means it holds a tokenizer that AutoTokenizer may be able to load (what the
+# `save_pretrained` of one writes); a model folder with none of them has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # Files a Hugging Face tokenizer's save_pretrained may write; a stale one left from an earlier tokenizer in
 # the same folder (a chat template, a vocab) would be read back with the new one, so writing removes them.
 _HF_TOKENIZER_FILES = (
-    *_TOKENIZER_FILES,
+    *TOKENIZER_FILES,
     "special_tokens_map.json",
     "added_tokens.json",
     "merges.txt",
@@ -388,9 +389,9 @@ def load_tokenizer(spec: str = "byte", eos_token: str | None = None) -> Tokenize
 
 
 def _load_folder(path: Path, name: str, eos_token: str | None) -> HFTokenizer:
-    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise DataError(
-            f"tokenizer folder {name} has no tokenizer files; expected one of {', '.join(_TOKENIZER_FILES)} "
+            f"tokenizer folder {name} has no tokenizer files; expected one of {', '.join(TOKENIZER_FILES)} "
             "(as written by save_pretrained)."
         )
     from transformers import AutoTokenizer, PretrainedConfig

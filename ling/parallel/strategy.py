@@ -144,11 +144,12 @@ class LingParallelStrategy(ModelParallelStrategy):
         if is_local_path(path):
             self._recover([Path(path).parent])  # a resume path saved by a killed run may sit aside
             meta = Path(path) / "meta.pt"
-            check = getattr(self.lightning_module, "check_resume", None)
-            if meta.is_file() and callable(check):
+            from ling.lightning_module import LingModule  # here: LingModule imports this module
+
+            if meta.is_file() and isinstance(self.lightning_module, LingModule):
                 # Lightning loads a sharded checkpoint's weights before the module's on_load_checkpoint runs,
                 # so a model of another shape would fail inside DCP with a message about tensors; check first.
-                check(torch.load(meta, map_location="cpu", weights_only=True))
+                self.lightning_module.check_resume(torch.load(meta, map_location="cpu", weights_only=True))
         return super().load_checkpoint(path, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
