@@ -11,16 +11,10 @@ import lightning as L
 from callbacks.stages import secure_fit_end
 from ling.checkpoint import save_pretrained
 from ling.config import ConfigError, check_rope_scaling
-from ling.data.datamodule import LingDataModule
+from ling.data.datamodule import ling_data
 from ling.dtypes import FLOAT8_DTYPES, dtype_named
 from ling.model.dtensor import is_sharded
 from ling.nonfinite import NonFiniteError, weights_finite
-
-
-def ling_data(trainer: L.Trainer) -> LingDataModule | None:
-    """The trainer's LingDataModule (whose tokenizer an export writes); None with another data module or none."""
-    datamodule = trainer.datamodule
-    return datamodule if isinstance(datamodule, LingDataModule) else None
 
 
 class HFExport(L.Callback):

@@ -23,11 +23,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from callbacks.hf_export import ling_data
 from callbacks.stages import check_nonfinite, secure_fit_end, stage_changes_with, stage_ends_at
 from callbacks.training_state import evaluating_mid_training
 from ling.checkpoint.hf import write_atomic
 from ling.config import ConfigError
+from ling.data.datamodule import ling_data
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
 

@@ -7,14 +7,14 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ling.data.curriculum import Curriculum
-from ling.data.datamodule import LingDataModule
+from ling.data.datamodule import ling_data
 from ling.lightning_module import LingModule
 
 
 def curriculum(trainer: L.Trainer) -> Curriculum | None:
     """The data module's curriculum (None when the run has none, e.g. another data module)."""
-    datamodule = trainer.datamodule
-    return datamodule.curriculum if isinstance(datamodule, LingDataModule) else None
+    data = ling_data(trainer)
+    return None if data is None else data.curriculum
 
 
 def stage_ends_at(trainer: L.Trainer, step: int) -> bool:

@@ -40,12 +40,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from callbacks.hf_export import ling_data
 from callbacks.lm_eval import LMEval, score_table
 from callbacks.stages import check_nonfinite, secure_fit_end, stage_changes_with, stage_ends_at
 from callbacks.training_state import evaluating_mid_training
 from ling.checkpoint import save_pretrained
 from ling.config import ConfigError
+from ling.data.datamodule import ling_data
 from ling.dtypes import FLOAT8_DTYPES, dtype_named
 from ling.merge import write_weights_checkpoint
 from ling.model import IGNORE_INDEX

@@ -60,7 +60,7 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -86,14 +86,14 @@ def check_rope_scaling(rope_scaling: Any) -> None:
     if unknown:
         raise ConfigError(f"rope_scaling has unknown keys {sorted(unknown)}; YaRN accepts {sorted(YARN_KEYS)}.")
     factor = rope_scaling.get("factor")
-    if not _is_number(factor) or factor < 1:
+    if not is_number(factor) or factor < 1:
         raise ConfigError(f"rope_scaling factor={factor!r} must be a number >= 1 for YaRN.")
     original = rope_scaling.get("original_max_position_embeddings", 1)
     if not _is_id(original) or original == 0:
         raise ConfigError(f"rope_scaling original_max_position_embeddings={original!r} must be a positive integer.")
     for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
         value = rope_scaling.get(key)
-        if value is not None and (not _is_number(value) or value <= 0):
+        if value is not None and (not is_number(value) or value <= 0):
             raise ConfigError(f"rope_scaling {key}={value!r} must be a positive number or null.")
     if not isinstance(rope_scaling.get("truncate", True), bool):
         raise ConfigError(f"rope_scaling truncate={rope_scaling['truncate']!r} must be true or false.")

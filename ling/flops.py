@@ -113,7 +113,8 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     """Peak FLOP/s of one device for matmuls in `dtype`: Lightning's table entry
     (`lightning.fabric.utilities.throughput.get_available_flops`), None on a CPU and on devices the
     table lacks. Some of its GPU figures are the datasheet's with-sparsity numbers, twice the dense
-    peak (e.g. "h100 nvl", "h200 sxm1"); a device named plainly "NVIDIA H200" is not in it."""
+    peak (e.g. "h100 nvl", "h200 sxm1": MFU there reads half), and a device named plainly "NVIDIA H200"
+    is not in it; LingModule's `peak_flops_per_device` (989.4e12 for an H100/H200 SXM) gives the dense one."""
     if device.type != "cuda":
         return None
     from lightning.fabric.utilities.throughput import get_available_flops

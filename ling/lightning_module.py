@@ -31,8 +31,8 @@ from torchmetrics import MeanMetric
 from ling.balance import ExpertLoad, max_violation, update_expert_bias
 from ling.checkpoint import load_hf_weights
 from ling.checkpoint.load import pretrained_config
-from ling.config import ConfigError, LingConfig
-from ling.data.datamodule import LingDataModule
+from ling.config import ConfigError, LingConfig, is_number
+from ling.data.datamodule import ling_data
 from ling.dtypes import dtype_named
 from ling.flops import device_peak_flops, mfu, training_flops_per_token
 from ling.model import LingForCausalLM, build_model
@@ -59,15 +59,11 @@ def resolve_config(model: str, model_overrides: dict[str, Any] | None, pretraine
     return preset(model, **overrides)
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_training_settings(config: LingConfig) -> None:
     """The model config's fields that only training reads (so a config.json loaded for inference is not
     checked for them): the MTP loss weight, the init std and the router z-loss coefficient."""
     weight = config.mtp_loss_scaling_factor
-    if not _is_real(weight) or weight < 0:
+    if not is_number(weight) or weight < 0:
         raise ConfigError(f"model_overrides.mtp_loss_scaling_factor={weight!r} must be 0 or more.")
     if weight > 0 and config.num_nextn_predict_layers == 0:
         raise ConfigError(
@@ -76,9 +72,9 @@ def _check_training_settings(config: LingConfig) -> None:
             "model_overrides.mtp_loss_scaling_factor: 0."
         )
     std = config.initializer_range
-    if not _is_real(std) or not std > 0:  # `not x > 0` form so that NaN is refused too
+    if not is_number(std) or std <= 0:
         raise ConfigError(f"model_overrides.initializer_range={std!r} must be positive (the std of the normal init).")
-    if not _is_real(config.router_z_loss_coeff):
+    if not is_number(config.router_z_loss_coeff):
         raise ConfigError(
             f"model_overrides.router_z_loss_coeff={config.router_z_loss_coeff!r} must be a number (0: no z-loss)."
         )
@@ -192,14 +188,8 @@ class LingModule(L.LightningModule):
         names = [f"layer_{i}" for i in range(config.first_k_dense_replace, config.num_hidden_layers)]
         return names + [f"mtp_{k}" for k in range(config.num_nextn_predict_layers)]
 
-    def _data(self) -> LingDataModule | None:
-        """The trainer's LingDataModule; None when the batches come from elsewhere (plain dataloaders or
-        another data module), which then bring no tokenizer, curriculum or named sources."""
-        datamodule = self.trainer.datamodule
-        return datamodule if isinstance(datamodule, LingDataModule) else None
-
     def setup(self, stage: str) -> None:
-        data = self._data()
+        data = ling_data(self.trainer)
         if data is None:
             self._setup_val_metrics([])
             return
@@ -258,7 +248,7 @@ class LingModule(L.LightningModule):
 
         Stage settings are absolute (unset = the run's own setting), so entering a stage after a
         resume gives the same model and optimizer settings as reaching it in one run."""
-        data_stage = self._data().stages[index]
+        data_stage = ling_data(self.trainer).stages[index]
         theta, scaling = self._stage_rope(data_stage)
         if (theta, scaling) != (self.config.rope_theta, self.config.rope_scaling):
             self.model.set_rope(theta, scaling)
@@ -438,7 +428,7 @@ class LingModule(L.LightningModule):
 
         `source_rows` is a host tensor (LingDataModule keeps it off the device), read with `.numpy()`,
         which refuses device tensors rather than waiting for one."""
-        data = self._data()
+        data = ling_data(self.trainer)
         if source_rows is None or data is None:
             return
         names = data.source_names
@@ -486,15 +476,8 @@ class LingModule(L.LightningModule):
         return torch.float32
 
     def _find_peak_flops(self) -> float | None:
-        """`peak_flops_per_device`, else Lightning's table entry for this device and compute dtype (None on
-        CPU and on devices the table lacks).
-
-        The table's figures are used as they are. Note that for some GPUs they are the datasheet's
-        with-sparsity numbers, twice the dense peak, although the table does not say so: bf16 on
-        "h100 sxm" is the dense 989.4e12, but "h100 nvl" (1978.8e12) and "h200 sxm1"/"h200 nvl1" (2.0e15
-        and 1.7e15) are sparse, so MFU there reads half the dense MFU; set `peak_flops_per_device` (e.g.
-        989.4e12 for an H200 SXM) for the dense figure. A device named plainly "NVIDIA H200" is not in
-        the table at all (no MFU without `peak_flops_per_device`)."""
+        """`peak_flops_per_device`, else `ling.flops.device_peak_flops` for this device and compute dtype
+        (None on CPU and on devices Lightning's table lacks; its caveats about sparse figures are there)."""
         if self.peak_flops_per_device:
             return float(self.peak_flops_per_device)
         return device_peak_flops(self.trainer.strategy.root_device, self._compute_dtype())
@@ -514,7 +497,7 @@ class LingModule(L.LightningModule):
         self.check_nonfinite()
         metrics = self.trainer.callback_metrics
         parts = [f"{name} {float(metrics[name]):.4f}" for name in ("train/loss", "val/loss") if name in metrics]
-        data = self._data()
+        data = ling_data(self.trainer)
         if data is not None:
             parts.append(f"unigram entropy of the data {data.unigram_entropy:.4f}")
         rank_zero_info(f"finished at step {self.trainer.global_step}: " + ", ".join(parts))
@@ -525,7 +508,7 @@ class LingModule(L.LightningModule):
         torchmetrics' Perplexity over those tokens (which would need the full logits). Lightning syncs
         the metrics over the ranks and resets them each validation epoch."""
         if self.val_loss is None:  # validation run without `setup` (e.g. called by hand)
-            data = self._data()
+            data = ling_data(self.trainer)
             self._setup_val_metrics(data.source_names if data is not None else [])
         out = self(batch["input_ids"], batch["labels"], **self.isolation(batch))
         loss = out.main_loss.detach().double()
@@ -573,7 +556,7 @@ class LingModule(L.LightningModule):
             "nonfinite_steps": self.nonfinite_steps,
             "nonfinite_run": self._nonfinite_run,
         }
-        data = self._data()
+        data = ling_data(self.trainer)
         if data is not None:  # the tokenizer `python -m ling.convert` writes beside the weights
             checkpoint["ling"]["tokenizer"] = dict(data.tokenizer_spec)
 

@@ -3,13 +3,23 @@ callbacks and the checkpoint plugin, as the arguments the YAML passes on."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-# LingModule arguments of every recipe, as the report trains: router bias-update rate 1e-3 (stages
-# lower it after context extension), gradient clipping at 1.0, and the loss computed 2,048 tokens at
-# a time so that no [tokens, vocab] logits are kept for backward.
-TRAINING: dict[str, Any] = {"bias_update_rate": 1e-3, "grad_clip": 1.0, "loss_chunk_tokens": 2048}
-ADAMW: dict[str, Any] = {"betas": [0.9, 0.95], "weight_decay": 0.1}  # OptimizerConfig arguments besides lr
+from ling.lightning_module import LingModule
+from ling.optim import OptimizerConfig
+
+
+def _defaults(cls: type, names: tuple[str, ...]) -> dict[str, Any]:
+    parameters = inspect.signature(cls).parameters
+    return {name: parameters[name].default for name in names}
+
+
+# The report's settings are LingModule's and OptimizerConfig's own defaults (router bias-update rate
+# 1e-3, which stages lower after context extension; gradient clipping at 1.0; the loss 2,048 tokens at
+# a time; AdamW betas (0.9, 0.95) and weight decay 0.1); the configs spell them out.
+TRAINING: dict[str, Any] = _defaults(LingModule, ("bias_update_rate", "grad_clip", "loss_chunk_tokens"))
+ADAMW: dict[str, Any] = _defaults(OptimizerConfig, ("betas", "weight_decay"))  # besides lr
 
 PLUGINS = [{"class_path": "ling.checkpoint.atomic.AtomicCheckpointIO"}]
 

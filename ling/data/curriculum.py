@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ling.config import ConfigError, check_rope_scaling
+from ling.config import ConfigError, check_rope_scaling, is_number
 from ling.data.errors import DataError
 from ling.schedules import BatchRamp, check_ramp, ramp_global_batch
 
@@ -110,8 +110,7 @@ def _check_settings(stage: Stage, last: bool) -> None:
         value = getattr(stage, field)
         if value is None:
             continue
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not number or value < 0 or (positive and value == 0):
+        if not is_number(value) or value < 0 or (positive and value == 0):
             raise DataError(
                 f"stage {stage.name!r}: {field}={value!r} must be a number {'> 0' if positive else '>= 0'} (or unset)."
             )

@@ -355,3 +355,10 @@ class LingDataModule(L.LightningDataModule):
         self._start = int(state["steps"])
         if state.get("seed", self.seed) != self.seed:
             raise DataError(f"the checkpoint's data seed {state['seed']} differs from data.seed={self.seed}.")
+
+
+def ling_data(trainer: L.Trainer) -> LingDataModule | None:
+    """The trainer's LingDataModule; None when the batches come from elsewhere (plain dataloaders or
+    another data module), which then bring no tokenizer, curriculum or named sources."""
+    datamodule = trainer.datamodule
+    return datamodule if isinstance(datamodule, LingDataModule) else None
